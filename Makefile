@@ -1,0 +1,83 @@
+# mailgw - kernel-TLS offloading mail gateway.
+#
+#   make          build build/mailgw
+#   make deps     install the Debian packages for build, tests and demo
+#   make run      deps + build + the demo (configs/demo.conf)
+#   make test     deps + build + every test; ends with "N passed, N failed"
+#   make asan     sanitizer build (ASan+UBSan) in build/asan/mailgw
+#   make fuzz     libFuzzer targets in build/fuzz/
+#   make check-config CONFIG=FILE
+
+CC       ?= gcc
+CLANG    ?= clang
+PYTHON   ?= /usr/bin/python3
+BUILD    := build
+
+WARN     := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wno-format-nonliteral
+HARDEN   := -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fPIE
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=gnu11 $(WARN) -Igateway -Ioffload
+LDLIBS   := -lssl -lcrypto -linih
+SANFLAGS := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+
+GATEWAY_SRC := gateway/main.c gateway/config.c gateway/log.c gateway/worker.c \
+	       gateway/session.c gateway/tls.c gateway/stats.c gateway/buf.c \
+	       gateway/proto.c gateway/smtp.c gateway/imap.c gateway/pop3.c gateway/proxy.c
+OFFLOAD_SRC := offload/offload.c offload/userspace.c
+SRC := $(GATEWAY_SRC) $(OFFLOAD_SRC)
+HDR := $(wildcard gateway/*.h offload/*.h)
+
+# Pure modules: what unit tests and fuzzers link against.
+PURE_SRC := gateway/buf.c gateway/proto.c gateway/smtp.c gateway/imap.c \
+	    gateway/pop3.c gateway/stats.c gateway/proxy.c
+
+UNIT_TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(wildcard tests/unit/test_*.c))
+FUZZERS    := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
+
+.PHONY: all deps asan fuzz unit test run clean check-config
+
+all: $(BUILD)/mailgw
+
+$(BUILD)/mailgw: $(SRC) $(HDR) Makefile
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(HARDEN) -o $@ $(SRC) -pie -Wl,-z,relro,-z,now $(LDLIBS)
+
+asan: $(BUILD)/asan/mailgw
+
+$(BUILD)/asan/mailgw: $(SRC) $(HDR) Makefile
+	@mkdir -p $(@D)
+	$(CC) -std=gnu11 $(WARN) -Igateway -Ioffload $(SANFLAGS) -o $@ $(SRC) $(LDLIBS)
+
+unit: $(UNIT_TESTS) $(UNIT_TESTS:%=%-asan)
+
+$(BUILD)/tests/%: tests/unit/%.c $(PURE_SRC) $(HDR) $(wildcard tests/unit/*.h)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -o $@ $< $(PURE_SRC)
+
+$(BUILD)/tests/%-asan: tests/unit/%.c $(PURE_SRC) $(HDR) $(wildcard tests/unit/*.h)
+	@mkdir -p $(@D)
+	$(CC) -std=gnu11 $(WARN) -Igateway $(SANFLAGS) -o $@ $< $(PURE_SRC)
+
+fuzz: $(FUZZERS)
+
+$(BUILD)/fuzz/%: tests/fuzz/%.c $(PURE_SRC) $(HDR) $(wildcard tests/fuzz/*.h)
+	@mkdir -p $(@D)
+	$(CLANG) -std=gnu11 -Wall -Wextra -Werror -g -O1 -Igateway \
+		-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -o $@ $< $(PURE_SRC)
+
+deps:
+	@sh tests/deps.sh
+
+test: deps
+	@$(MAKE) --no-print-directory all asan unit fuzz
+	@sh tests/run.sh
+
+run: deps
+	@$(MAKE) --no-print-directory all
+	@$(PYTHON) tests/lib/mailstack.py demo --config configs/demo.conf --workdir $(BUILD)/demo
+
+check-config: all
+	$(BUILD)/mailgw -t -c $(CONFIG)
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,53 @@
+/*
+ * buf.h - bounded byte buffers and the line splitter used for every
+ * protocol dialogue the gateway itself speaks.
+ *
+ * A buffer never grows: its capacity is fixed when it is created, so a peer
+ * can never make the gateway hold more than that. Lines are found in place
+ * and handed out as (pointer, length) views; nothing is copied.
+ */
+#ifndef MAILGW_BUF_H
+#define MAILGW_BUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct buf {
+	uint8_t *data;
+	size_t cap;
+	size_t rpos; /* first unread byte */
+	size_t wpos; /* one past the last written byte */
+};
+
+int buf_init(struct buf *b, size_t cap);
+void buf_free(struct buf *b);
+
+static inline size_t buf_len(const struct buf *b) { return b->wpos - b->rpos; }
+static inline uint8_t *buf_rptr(const struct buf *b) { return b->data + b->rpos; }
+static inline size_t buf_room(const struct buf *b) { return b->cap - b->wpos; }
+static inline uint8_t *buf_wptr(const struct buf *b) { return b->data + b->wpos; }
+
+/* Move unread bytes to the front so buf_room() is as large as possible. */
+void buf_compact(struct buf *b);
+void buf_consume(struct buf *b, size_t n);
+void buf_produce(struct buf *b, size_t n);
+void buf_reset(struct buf *b);
+/* Append; returns 0, or -ENOSPC (nothing appended) when it does not fit. */
+int buf_append(struct buf *b, const void *p, size_t n);
+
+enum line_status {
+	LINE_OK = 1,        /* line and len set (terminator excluded), adv = bytes to consume */
+	LINE_PARTIAL = 0,   /* no terminator yet and still within the limit */
+	LINE_TOO_LONG = -1, /* maxlen bytes seen without a terminator */
+};
+
+/*
+ * Find the next line in [p, p+n). A line ends with CRLF or a bare LF (many
+ * hand-typed sessions send LF only); the terminator is not part of *len.
+ * maxlen bounds the line including its terminator, as RFC 5321 §4.5.3.1.4
+ * counts it.
+ */
+enum line_status line_next(const uint8_t *p, size_t n, size_t maxlen,
+			   const char **line, size_t *len, size_t *adv);
+
+#endif

@@ -1,0 +1,455 @@
+/*
+ * main.c - mailgw's master process.
+ *
+ * The master stays root (when started as root), owns the listening sockets
+ * and the parsed configuration, and never touches a client byte. Workers are
+ * forked from it with a finished config and TLS contexts in memory; they
+ * drop to [global] user before serving anyone.
+ *
+ *   SIGHUP   load the config and certificates again; on success fork a new
+ *            generation of workers on the same sockets and ask the old one to
+ *            finish its sessions and exit. On failure keep running as before.
+ *   SIGTERM  stop accepting, give sessions shutdown_grace, exit.
+ *   SIGUSR1  log one `stats:` line with every counter.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <netinet/in.h>
+#include <openssl/ssl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "stats.h"
+#include "tls.h"
+#include "util.h"
+#include "worker.h"
+
+#define MAX_CHILDREN (2 * CONFIG_MAX_WORKERS)
+#define LISTEN_BACKLOG 511
+
+struct child {
+	pid_t pid;
+	unsigned idx;
+	unsigned gen;
+	uint64_t started;
+};
+
+struct generation {
+	struct config *cfg;
+	struct tls_ctx *tls;
+	int *socks; /* [listener * workers + worker] */
+	unsigned gen;
+};
+
+static struct child children[MAX_CHILDREN];
+static uint64_t respawn_at[CONFIG_MAX_WORKERS];
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"usage: mailgw [-t] -c FILE\n"
+		"  -c FILE  configuration file (INI)\n"
+		"  -t       check the configuration and certificates, then exit\n"
+		"  -h       this help\n");
+}
+
+static int open_listener(const struct listener_conf *l, char *err, size_t errlen)
+{
+	int fd, one = 1;
+
+	fd = socket(l->listen.ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		goto fail;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	/* One socket per worker: the kernel spreads connections across them. */
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0)
+		goto fail;
+	if (l->listen.ss.ss_family == AF_INET6)
+		setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+	if (bind(fd, (const struct sockaddr *)&l->listen.ss, l->listen.len) < 0)
+		goto fail;
+	if (listen(fd, LISTEN_BACKLOG) < 0)
+		goto fail;
+	return fd;
+fail:
+	snprintf(err, errlen, "[listener %s] cannot listen on %s: %s", l->name, l->listen_str,
+		 strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
+static bool same_listen(const struct listener_conf *a, const struct listener_conf *b)
+{
+	return a->listen.len == b->listen.len &&
+	       memcmp(&a->listen.ss, &b->listen.ss, a->listen.len) == 0;
+}
+
+/*
+ * Sockets for generation g: reuse the old generation's socket for the same
+ * address and worker slot (no connection is dropped across a reload), open
+ * the rest. Old sockets that are not reused are closed by the caller.
+ */
+static int open_sockets(struct generation *g, struct generation *old, char *err, size_t errlen)
+{
+	const struct config *c = g->cfg;
+	unsigned i, j, w, total = c->nlisteners * c->workers;
+	int *from; /* old slot a socket was taken from, or -1 */
+
+	g->socks = malloc(sizeof(int) * total);
+	from = malloc(sizeof(int) * total);
+	if (!g->socks || !from) {
+		free(g->socks);
+		free(from);
+		g->socks = NULL;
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
+	for (i = 0; i < total; i++)
+		g->socks[i] = from[i] = -1;
+	for (i = 0; i < c->nlisteners; i++) {
+		for (w = 0; w < c->workers; w++) {
+			int *slot = &g->socks[i * c->workers + w];
+
+			for (j = 0; old && j < old->cfg->nlisteners && *slot < 0; j++) {
+				int *os;
+				if (w >= old->cfg->workers ||
+				    !same_listen(&c->listeners[i], &old->cfg->listeners[j]))
+					continue;
+				os = &old->socks[j * old->cfg->workers + w];
+				if (*os >= 0) {
+					*slot = *os;
+					*os = -1;
+					from[i * c->workers + w] = (int)(j * old->cfg->workers + w);
+				}
+			}
+			if (*slot < 0 && (*slot = open_listener(&c->listeners[i], err, errlen)) < 0)
+				goto fail;
+		}
+	}
+	free(from);
+	return 0;
+fail:
+	/* Give reused sockets back to the old generation, close new ones. */
+	for (i = 0; i < total; i++) {
+		if (g->socks[i] < 0)
+			continue;
+		if (from[i] >= 0)
+			old->socks[from[i]] = g->socks[i];
+		else
+			close(g->socks[i]);
+	}
+	free(from);
+	free(g->socks);
+	g->socks = NULL;
+	return -1;
+}
+
+static void close_sockets(struct generation *g)
+{
+	unsigned i, total;
+
+	if (!g->socks)
+		return;
+	total = g->cfg->nlisteners * g->cfg->workers;
+	for (i = 0; i < total; i++)
+		if (g->socks[i] >= 0)
+			close(g->socks[i]);
+	free(g->socks);
+	g->socks = NULL;
+}
+
+static pid_t spawn(struct generation *g, unsigned idx)
+{
+	pid_t pid = fork();
+	unsigned i, w, n = g->cfg->nlisteners, nw = g->cfg->workers;
+	int fds[CONFIG_MAX_LISTENERS];
+
+	if (pid < 0) {
+		log_error("fork: %s", strerror(errno));
+		return -1;
+	}
+	if (pid > 0) {
+		for (i = 0; i < MAX_CHILDREN; i++) {
+			if (children[i].pid == 0) {
+				children[i] = (struct child){ pid, idx, g->gen, now_ms() };
+				break;
+			}
+		}
+		return pid;
+	}
+	/* Child: keep only this worker's sockets. */
+	for (i = 0; i < n; i++) {
+		for (w = 0; w < nw; w++) {
+			int fd = g->socks[i * nw + w];
+			if (w == idx)
+				fds[i] = fd;
+			else if (fd >= 0)
+				close(fd);
+		}
+	}
+	worker_main(idx, g->cfg, g->tls, fds);
+}
+
+static void signal_generation(unsigned gen, int sig)
+{
+	unsigned i;
+
+	for (i = 0; i < MAX_CHILDREN; i++)
+		if (children[i].pid > 0 && children[i].gen == gen)
+			kill(children[i].pid, sig);
+}
+
+static unsigned count_children(void)
+{
+	unsigned i, n = 0;
+
+	for (i = 0; i < MAX_CHILDREN; i++)
+		n += children[i].pid > 0;
+	return n;
+}
+
+static void raise_nofile(const struct config *c)
+{
+	struct rlimit rl;
+	rlim_t want = (rlim_t)c->max_connections * 2 + 64;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+		return;
+	if (rl.rlim_cur < want) {
+		rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+	if (rl.rlim_cur < want)
+		log_warn("open file limit %llu is below what max_connections = %u needs (%llu)",
+			 (unsigned long long)rl.rlim_cur, c->max_connections,
+			 (unsigned long long)want);
+}
+
+static int load(const char *path, struct generation *g, char *err, size_t errlen)
+{
+	memset(g, 0, sizeof(*g));
+	if (config_load(path, &g->cfg, err, errlen) < 0)
+		return -1;
+	if (tls_build(g->cfg, &g->tls, err, errlen) < 0) {
+		config_free(g->cfg);
+		g->cfg = NULL;
+		return -1;
+	}
+	return 0;
+}
+
+static void free_generation(struct generation *g)
+{
+	close_sockets(g);
+	tls_free(g->tls);
+	config_free(g->cfg);
+	memset(g, 0, sizeof(*g));
+}
+
+static void log_stats(void)
+{
+	char line[1600];
+
+	stats_format(line, sizeof(line));
+	log_info("stats: %s", line);
+}
+
+static void reload(const char *path, struct generation *cur, unsigned *next_gen)
+{
+	struct generation g;
+	char err[512];
+	unsigned w, old_gen = cur->gen;
+
+	log_info("reloading %s", path);
+	if (load(path, &g, err, sizeof(err)) < 0) {
+		log_error("reload failed, keeping the running configuration: %s", err);
+		return;
+	}
+	if (open_sockets(&g, cur, err, sizeof(err)) < 0) {
+		log_error("reload failed, keeping the running configuration: %s", err);
+		tls_free(g.tls);
+		config_free(g.cfg);
+		return;
+	}
+	g.gen = (*next_gen)++;
+	log_set_level(g.cfg->log_level);
+	raise_nofile(g.cfg);
+	/* Old sockets nobody reuses: the old workers hold their own copies. */
+	free_generation(cur);
+	*cur = g;
+	memset(respawn_at, 0, sizeof(respawn_at));
+	for (w = 0; w < cur->cfg->workers; w++)
+		spawn(cur, w);
+	signal_generation(old_gen, SIGTERM);
+	log_info("reloaded: %u listeners, %u workers; previous workers finish their sessions",
+		 cur->cfg->nlisteners, cur->cfg->workers);
+}
+
+static void reap(struct generation *cur, bool stopping)
+{
+	int status;
+	pid_t pid;
+	unsigned i;
+
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+		for (i = 0; i < MAX_CHILDREN; i++) {
+			struct child *ch = &children[i];
+			if (ch->pid != pid)
+				continue;
+			if (ch->gen == cur->gen && !stopping) {
+				bool fast = now_ms() - ch->started < 1000;
+				if (WIFSIGNALED(status))
+					log_error("worker %u (pid %d) killed by signal %d", ch->idx,
+						  pid, WTERMSIG(status));
+				else
+					log_error("worker %u (pid %d) exited with status %d", ch->idx,
+						  pid, WEXITSTATUS(status));
+				/* Restart it; back off if it dies right away. */
+				respawn_at[ch->idx] = now_ms() + (fast ? 1000 : 0) + 1;
+			} else {
+				log_debug("worker %u (pid %d) of generation %u exited", ch->idx,
+					  pid, ch->gen);
+			}
+			ch->pid = 0;
+			break;
+		}
+	}
+}
+
+int main(int argc, char **argv)
+{
+	const char *path = NULL;
+	struct generation cur;
+	unsigned next_gen = 1, w;
+	bool test_only = false, stopping = false;
+	uint64_t stop_deadline = 0;
+	char err[512];
+	sigset_t ss;
+	int opt;
+
+	while ((opt = getopt(argc, argv, "c:th")) != -1) {
+		switch (opt) {
+		case 'c':
+			path = optarg;
+			break;
+		case 't':
+			test_only = true;
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (!path || optind != argc) {
+		usage(stderr);
+		return 2;
+	}
+	if (load(path, &cur, err, sizeof(err)) < 0) {
+		fprintf(stderr, "%s\n", err);
+		return 1;
+	}
+	if (test_only) {
+		printf("%s: configuration OK: %u listeners, %u certificate contexts, %u workers\n",
+		       path, cur.cfg->nlisteners, tls_count(cur.tls), cur.cfg->workers);
+		free_generation(&cur);
+		return 0;
+	}
+	log_set_level(cur.cfg->log_level);
+
+	signal(SIGPIPE, SIG_IGN);
+	sigemptyset(&ss);
+	sigaddset(&ss, SIGTERM);
+	sigaddset(&ss, SIGINT);
+	sigaddset(&ss, SIGHUP);
+	sigaddset(&ss, SIGUSR1);
+	sigaddset(&ss, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &ss, NULL);
+
+	if (stats_init() < 0) {
+		fprintf(stderr, "cannot map counters: %s\n", strerror(errno));
+		return 1;
+	}
+	raise_nofile(cur.cfg);
+	if (open_sockets(&cur, NULL, err, sizeof(err)) < 0) {
+		fprintf(stderr, "%s: %s\n", path, err);
+		return 1;
+	}
+	cur.gen = next_gen++;
+	for (unsigned i = 0; i < cur.cfg->nlisteners; i++) {
+		const struct listener_conf *l = &cur.cfg->listeners[i];
+		log_info("[%s] listening on %s: %s, tls=%s%s, backend %s%s", l->name, l->listen_str,
+			 proto_name(l->protocol), tls_mode_name(l->tls),
+			 l->require_tls ? " (required)" : "", l->backend_str,
+			 l->proxy == PROXY_V1 ? " with PROXY v1" :
+			 l->proxy == PROXY_V2 ? " with PROXY v2" : "");
+	}
+	log_info("mailgw starting: %u workers, %u certificate contexts, %s", cur.cfg->workers,
+		 tls_count(cur.tls), OpenSSL_version(OPENSSL_VERSION));
+	for (w = 0; w < cur.cfg->workers; w++)
+		if (spawn(&cur, w) < 0)
+			return 1;
+
+	for (;;) {
+		struct timespec ts = { 0, 200 * 1000 * 1000 };
+		siginfo_t si;
+		int sig = sigtimedwait(&ss, &si, &ts);
+		uint64_t now = now_ms();
+
+		if (sig == SIGCHLD)
+			reap(&cur, stopping);
+		else if (sig == SIGHUP && !stopping)
+			reload(path, &cur, &next_gen);
+		else if (sig == SIGUSR1)
+			log_stats();
+		else if ((sig == SIGTERM || sig == SIGINT) && !stopping) {
+			unsigned gen;
+			stopping = true;
+			stop_deadline = now + cur.cfg->shutdown_grace_ms + 2000;
+			log_info("stopping: sessions have %u ms to finish",
+				 cur.cfg->shutdown_grace_ms);
+			close_sockets(&cur);
+			for (gen = 1; gen < next_gen; gen++)
+				signal_generation(gen, SIGTERM);
+		}
+		if (sig < 0)
+			reap(&cur, stopping); /* in case SIGCHLD coalesced */
+
+		if (stopping) {
+			if (count_children() == 0) {
+				log_stats();
+				log_info("stopped");
+				free_generation(&cur);
+				return 0;
+			}
+			if (now >= stop_deadline) {
+				unsigned gen;
+				log_warn("workers still running after the grace period: killing them");
+				for (gen = 1; gen < next_gen; gen++)
+					signal_generation(gen, SIGKILL);
+				stop_deadline = now + 1000;
+			}
+			continue;
+		}
+		for (w = 0; w < cur.cfg->workers; w++) {
+			if (respawn_at[w] && now >= respawn_at[w]) {
+				respawn_at[w] = 0;
+				spawn(&cur, w);
+			}
+		}
+	}
+}

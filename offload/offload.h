@@ -1,0 +1,65 @@
+/*
+ * offload.h - the record-crypto layer: who encrypts and decrypts TLS records
+ * once the handshake is over.
+ *
+ * The handshake always runs in userspace OpenSSL (gateway/tls.c). Then
+ * offload_attach() walks the engines in order of preference and the first
+ * one that accepts the connection carries its records for the rest of the
+ * session. The chain is visible in one place (offload.c):
+ *
+ *     NIC (kTLS TLS_HW) -> kernel TLS (TLS_SW) -> DPDK cryptodev -> userspace
+ *
+ * Only the userspace engine exists today; the others plug in behind the same
+ * ops table without the protocol code noticing.
+ *
+ * Return convention for recv/send: > 0 bytes moved; 0 end of stream (recv,
+ * after close_notify or TCP FIN); -EAGAIN when blocked, with c->want set to
+ * the readiness (OFFLOAD_WANT_READ or OFFLOAD_WANT_WRITE) that unblocks it;
+ * any other negative errno is fatal for the session.
+ */
+#ifndef MAILGW_OFFLOAD_H
+#define MAILGW_OFFLOAD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+#include <openssl/ssl.h>
+
+enum offload_want { OFFLOAD_WANT_READ = 1, OFFLOAD_WANT_WRITE = 2 };
+
+/* Engine modes an operator may ask for ([offload] mode). */
+enum offload_request { OFFLOAD_REQ_AUTO, OFFLOAD_REQ_USERSPACE };
+
+struct offload_conn {
+	const struct offload_ops *ops;
+	SSL *ssl;          /* owned by the session; engines may read keys from it */
+	int fd;            /* client socket */
+	unsigned want;     /* enum offload_want, after -EAGAIN */
+	void *priv;        /* engine state */
+	char err[128];     /* last fatal error, for the log */
+};
+
+struct offload_ops {
+	const char *name;
+	/* Usable on this host at all? Called once per worker at start-up. */
+	bool (*available)(void);
+	/* Take the connection (0) or decline it (negative errno, c untouched). */
+	int (*attach)(struct offload_conn *c);
+	ssize_t (*recv)(struct offload_conn *c, void *buf, size_t len);
+	ssize_t (*send)(struct offload_conn *c, const void *buf, size_t len);
+	/* Decrypted or raw bytes already inside the engine, not yet returned by recv. */
+	bool (*pending)(struct offload_conn *c);
+	/* Send close_notify; 1 done, -EAGAIN (see want) or negative errno. */
+	int (*shutdown)(struct offload_conn *c);
+	void (*detach)(struct offload_conn *c);
+};
+
+extern const struct offload_ops offload_userspace;
+
+/* Attach the best engine for this connection; returns 0 or negative errno. */
+int offload_attach(enum offload_request req, struct offload_conn *c);
+void offload_detach(struct offload_conn *c);
+const char *offload_request_name(enum offload_request req);
+
+#endif

@@ -1,0 +1,66 @@
+#!/bin/sh
+# Run every mailgw test and print "N passed, N failed" last.
+#
+# Each test program prints one line per case: "PASS: name", "FAIL: name: why"
+# or "SKIP: name: why". A program that exits non-zero without printing a FAIL
+# line counts as one failure of its own.
+set -u
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-/usr/bin/python3}
+FUZZ_SECONDS=${FUZZ_SECONDS:-5}
+LOG=build/test-logs
+mkdir -p "$LOG"
+pass=0 fail=0 skip=0
+
+run() { # name, command...
+	name=$1
+	shift
+	out="$LOG/$(echo "$name" | tr '/ ' '__').log"
+	echo "== $name"
+	"$@" >"$out" 2>&1
+	rc=$?
+	grep -E '^(PASS|FAIL|SKIP):' "$out" | sed 's/^/   /'
+	p=$(grep -c '^PASS:' "$out")
+	f=$(grep -c '^FAIL:' "$out")
+	s=$(grep -c '^SKIP:' "$out")
+	if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+		echo "   FAIL: $name exited with status $rc (log: $out)"
+		tail -n 20 "$out" | sed 's/^/   | /'
+		f=1
+	fi
+	pass=$((pass + p))
+	fail=$((fail + f))
+	skip=$((skip + s))
+}
+
+# Unit tests, plain and sanitized.
+for t in build/tests/test_*; do
+	[ -x "$t" ] || continue
+	run "unit/$(basename "$t")" "$t"
+done
+
+# Fuzzers: a few seconds each on a copy of the committed seed corpus.
+for f in build/fuzz/fuzz_*; do
+	[ -x "$f" ] || continue
+	proto=${f##*/fuzz_}
+	corpus=$(mktemp -d)
+	cp tests/fuzz/corpus/"$proto"/* "$corpus"/ 2>/dev/null
+	run "fuzz/$proto" sh -c "'$f' -max_total_time=$FUZZ_SECONDS -print_final_stats=0 '$corpus' \
+		&& echo 'PASS: fuzz_$proto ran ${FUZZ_SECONDS}s without a crash'"
+	rm -rf "$corpus"
+done
+
+# Integration tests against the release build, then the sanitizer build.
+for bin in build/mailgw build/asan/mailgw; do
+	for t in tests/integration/test_*.py; do
+		[ -f "$t" ] || continue
+		run "$(basename "$bin" | sed 's/mailgw/release/')${bin#build/mailgw}/$(basename "$t" .py)" \
+			env MAILGW="$bin" "$PYTHON" "$t"
+	done
+done
+
+echo
+echo "$skip skipped"
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
