@@ -9,6 +9,7 @@
  *   SIGHUP   load the config and certificates again; on success fork a new
  *            generation of workers on the same sockets and ask the old one to
  *            finish its sessions and exit. On failure keep running as before.
+ *            (SIGUSR2 to the old workers: no deadline, sessions end naturally).
  *   SIGTERM  stop accepting, give sessions shutdown_grace, exit.
  *   SIGUSR1  log one `stats:` line with every counter.
  */
@@ -292,7 +293,7 @@ static void reload(const char *path, struct generation *cur, unsigned *next_gen)
 	memset(respawn_at, 0, sizeof(respawn_at));
 	for (w = 0; w < cur->cfg->workers; w++)
 		spawn(cur, w);
-	signal_generation(old_gen, SIGTERM);
+	signal_generation(old_gen, SIGUSR2);
 	log_info("reloaded: %u listeners, %u workers; previous workers finish their sessions",
 		 cur->cfg->nlisteners, cur->cfg->workers);
 }
@@ -379,6 +380,13 @@ int main(int argc, char **argv)
 	sigaddset(&ss, SIGUSR1);
 	sigaddset(&ss, SIGCHLD);
 	sigprocmask(SIG_BLOCK, &ss, NULL);
+	{
+		/* Blocked before fork so a worker never dies of an early SIGUSR2. */
+		sigset_t u2;
+		sigemptyset(&u2);
+		sigaddset(&u2, SIGUSR2);
+		sigprocmask(SIG_BLOCK, &u2, NULL);
+	}
 
 	if (stats_init() < 0) {
 		fprintf(stderr, "cannot map counters: %s\n", strerror(errno));

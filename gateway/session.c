@@ -906,18 +906,18 @@ bool session_check_timeout(struct session *s, uint64_t now)
 	return false;
 }
 
-void session_shutdown(struct session *s, bool force)
+void session_shutdown(struct session *s)
 {
 	/*
-	 * A graceful stop lets relayed sessions finish; a session still in
-	 * the gateway's own dialogue is told to come back later.
+	 * The grace period is over. A session still in the gateway's own
+	 * dialogue is told to come back later; any other is closed.
 	 */
 	if (s->state == SS_PRETLS && !s->starttls_pending && !s->close_pending) {
 		fail_with(s, PE_SHUTDOWN, "shutdown");
 		session_run(s);
 		return;
 	}
-	if (force) {
+	if (s->state != SS_CLOSING) {
 		s->close_reason = "shutdown grace period over";
 		sess_close(s);
 	}

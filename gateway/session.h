@@ -27,8 +27,8 @@ void session_run(struct session *s);
 /* Deadline check; returns true when the session was closed. */
 bool session_check_timeout(struct session *s, uint64_t now);
 
-/* Worker is stopping: close the session if it is idle in a safe place. */
-void session_shutdown(struct session *s, bool force);
+/* The worker's grace period is over: say goodbye where the protocol allows, close. */
+void session_shutdown(struct session *s);
 
 void session_log_prefix(const struct session *s, char *out, size_t cap);
 

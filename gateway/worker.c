@@ -117,26 +117,31 @@ static bool do_accept(struct worker *w, struct listener_rt *l)
 	return false;
 }
 
-static void begin_stop(struct worker *w)
+/*
+ * Stop accepting. With a grace period (SIGTERM) sessions have until the
+ * deadline; without one (SIGUSR2: replaced by a new generation on reload)
+ * they run to their natural end, bounded by their own timeouts.
+ */
+static void begin_stop(struct worker *w, bool graceful_deadline)
 {
-	struct session *s, *next;
 	unsigned i;
 
+	if (graceful_deadline && !w->stop_deadline) {
+		w->stop_deadline = now_ms() + w->cfg->shutdown_grace_ms;
+		log_info("stopping: %u sessions to finish within %u ms", w->nsessions,
+			 w->cfg->shutdown_grace_ms);
+	} else if (!w->stopping) {
+		log_info("retiring after reload: %u sessions continue on the old configuration",
+			 w->nsessions);
+	}
 	if (w->stopping)
 		return;
 	w->stopping = true;
-	w->stop_deadline = now_ms() + w->cfg->shutdown_grace_ms;
 	for (i = 0; i < w->nlst; i++) {
 		if (w->lst[i].fd >= 0) {
 			close(w->lst[i].fd); /* no new connections from here on */
 			w->lst[i].fd = -1;
 		}
-	}
-	log_info("stopping: %u sessions to finish within %u ms", w->nsessions,
-		 w->cfg->shutdown_grace_ms);
-	for (s = w->sessions; s; s = next) {
-		next = session_next(s);
-		session_shutdown(s, false);
 	}
 }
 
@@ -175,6 +180,7 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 	sigemptyset(&ss);
 	sigaddset(&ss, SIGTERM);
 	sigaddset(&ss, SIGINT);
+	sigaddset(&ss, SIGUSR2);
 	w.sigfd = signalfd(-1, &ss, SFD_NONBLOCK | SFD_CLOEXEC);
 	if (w.epfd < 0 || w.sigfd < 0) {
 		log_error("worker setup: %s", strerror(errno));
@@ -234,7 +240,7 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 			case EV_SIGNAL: {
 				struct signalfd_siginfo si;
 				while (read(w.sigfd, &si, sizeof(si)) == sizeof(si))
-					begin_stop(&w);
+					begin_stop(&w, si.ssi_signo != SIGUSR2);
 				break;
 			}
 			}
@@ -256,11 +262,11 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 			}
 		}
 		if (w.stopping) {
-			if (now >= w.stop_deadline) {
+			if (w.stop_deadline && now >= w.stop_deadline) {
 				struct session *s, *next;
 				for (s = w.sessions; s; s = next) {
 					next = session_next(s);
-					session_shutdown(s, true);
+					session_shutdown(s);
 				}
 			}
 			if (w.nsessions == 0) {
