@@ -103,7 +103,7 @@ static enum proto_verdict imap_command(const struct proto_conf *pc, struct proto
 		reply_set(r, "%.*s BAD Missing command\r\n", t, tag);
 		return PV_REPLY;
 	}
-	if (pc->require_tls && pc->starttls) {
+	if (pc->require_tls) {
 		r->counter = STAT_require_tls_refused;
 		if (token_is(cmd, clen, "LOGIN") || token_is(cmd, clen, "AUTHENTICATE")) {
 			/* RFC 9051 §6.2.3 (LOGINDISABLED), RFC 5530 PRIVACYREQUIRED */
@@ -221,6 +221,17 @@ static bool copy_caps(const char *p, const char *end, char *out, size_t cap, siz
 	return true;
 }
 
+/* Find "[CAPABILITY " in a line; atoms are case-insensitive (RFC 9051 §9). */
+static const char *find_caps_code(const char *line, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i + 12 <= len; i++)
+		if (line[i] == '[' && starts_with(line + i + 1, len - i - 1, "CAPABILITY "))
+			return line + i;
+	return NULL;
+}
+
 /*
  * Rewrite "* CAPABILITY ..." lines and "[CAPABILITY ...]" response codes,
  * the two places RFC 9051 §7.2.2 and §7.1 carry capabilities.
@@ -237,7 +248,7 @@ static long imap_filter_caps(const char *in, size_t len, char *out, size_t cap)
 		if (starts_with(line, l, "* CAPABILITY ")) {
 			ok = out_put(out, cap, &off, line, 13) &&
 			     copy_caps(line + 13, le, out, cap, &off);
-		} else if ((code = memmem(line, l, "[CAPABILITY ", 12)) != NULL &&
+		} else if ((code = find_caps_code(line, l)) != NULL &&
 			   memchr(code, ']', (size_t)(le - code))) {
 			const char *close = memchr(code, ']', (size_t)(le - code));
 			ok = out_put(out, cap, &off, line, (size_t)(code - line) + 12) &&

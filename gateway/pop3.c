@@ -23,7 +23,7 @@ static enum proto_verdict pop3_command(const struct proto_conf *pc, struct proto
 {
 	const char *cmd, *args;
 	size_t clen, alen;
-	bool refuse = pc->require_tls && pc->starttls;
+	bool refuse = pc->require_tls;
 
 	if (over_budget(pc, st)) {
 		proto_error_reply(pc, PE_TOO_MANY_COMMANDS, r);
@@ -139,11 +139,12 @@ static long pop3_filter_caps(const char *in, size_t len, char *out, size_t cap)
 	unsigned n = 0;
 
 	while (next_line(&p, end, &line, &l)) {
-		size_t t = l;
+		const char *w, *rest;
+		size_t wl, rl;
 
-		while (t && line[t - 1] == ' ')
-			t--;
-		if (n++ > 0 && token_is(line, t, "STLS"))
+		/* A capability is its first word; STLS may carry parameters. */
+		split_word(line, l, &w, &wl, &rest, &rl);
+		if (n++ > 0 && token_is(w, wl, "STLS"))
 			continue;
 		if (!out_put(out, cap, &off, line, l) || !out_put(out, cap, &off, "\r\n", 2))
 			return -1;

@@ -108,7 +108,7 @@ static enum proto_verdict smtp_command(const struct proto_conf *pc, struct proto
 		reply_set(r, "500 5.5.2 Syntax error, command unrecognized\r\n");
 		return PV_REPLY;
 	}
-	if (pc->require_tls && pc->starttls) {
+	if (pc->require_tls) {
 		/* RFC 3207 §4: refuse everything else until the client upgrades. */
 		reply_set(r, "530 5.7.0 Must issue a STARTTLS command first\r\n");
 		r->counter = STAT_require_tls_refused;
@@ -181,13 +181,13 @@ static bool smtp_caps_command(const char *line, size_t len, struct proto_resp *s
 	return token_is(verb, vlen, "EHLO") || token_is(verb, vlen, "HELO");
 }
 
+/* RFC 5321 §4.1.1.1: an ehlo-line is a keyword, optionally with parameters. */
 static bool is_starttls_line(const char *line, size_t len)
 {
-	const char *kw = line + 4;
-	size_t n = len - 4;
+	const char *kw, *rest;
+	size_t n, rl;
 
-	while (n && kw[n - 1] == ' ')
-		n--;
+	split_word(line + 4, len - 4, &kw, &n, &rest, &rl);
 	return token_is(kw, n, "STARTTLS");
 }
 
