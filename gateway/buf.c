@@ -66,8 +66,12 @@ enum line_status line_next(const uint8_t *p, size_t n, size_t maxlen,
 			   const char **line, size_t *len, size_t *adv)
 {
 	size_t lim = n < maxlen ? n : maxlen;
-	const uint8_t *nl = memchr(p, '\n', lim);
+	const uint8_t *nl;
 	size_t l;
+
+	if (lim == 0)
+		return n >= maxlen ? LINE_TOO_LONG : LINE_PARTIAL;
+	nl = memchr(p, '\n', lim);
 
 	if (!nl)
 		return n >= maxlen ? LINE_TOO_LONG : LINE_PARTIAL;

@@ -23,7 +23,7 @@ static void imap_caps(const struct proto_conf *pc, struct proto_reply *r)
 	reply_add(r, "IMAP4rev1 ID");
 	if (pc->starttls)
 		reply_add(r, " STARTTLS");
-	if (pc->starttls && pc->require_tls)
+	if (pc->require_tls)
 		reply_add(r, " LOGINDISABLED");
 }
 

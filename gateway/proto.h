@@ -42,7 +42,7 @@ struct proto_conf {
 	enum proto_kind kind;
 	bool starttls;     /* listener offers STARTTLS/STLS */
 	bool require_tls;  /* refuse everything but the basics before TLS */
-	const char *hostname;
+	const char *hostname; /* at most 255 bytes (config.c), so replies keep their CRLF */
 	unsigned max_commands; /* pre-TLS command budget; 0 = unlimited */
 };
 

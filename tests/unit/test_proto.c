@@ -118,8 +118,6 @@ static const struct greeting_case greeting_cases[] = {
 	  "* OK [CAPABILITY IMAP4rev1 ID STARTTLS] " HOST " mailgw ready\r\n" },
 	{ "IMAP starttls+require advertises LOGINDISABLED", PROTO_IMAP, OFFER | REQUIRE,
 	  "* OK [CAPABILITY IMAP4rev1 ID STARTTLS LOGINDISABLED] " HOST " mailgw ready\r\n" },
-	{ "IMAP require without starttls", PROTO_IMAP, REQUIRE,
-	  "* OK [CAPABILITY IMAP4rev1 ID] " HOST " mailgw ready\r\n" },
 	{ "POP3 plain", PROTO_POP3, 0, "+OK " HOST " mailgw ready\r\n" },
 	{ "POP3 starttls+require", PROTO_POP3, OFFER | REQUIRE, "+OK " HOST " mailgw ready\r\n" },
 };
@@ -210,11 +208,13 @@ struct dialogue_case {
 
 #define REFUSED "require_tls_refused"
 
-static const char helo_255[] =
-	"h123456789012345678901234567890123456789012345678901234567890123456789"
-	"01234567890123456789012345678901234567890123456789012345678901234567890"
-	"12345678901234567890123456789012345678901234567890123456789012345678901"
-	"234567890123456789012345678901234567890";
+/* EHLO names at the 255-byte limit of struct proto_state.helo and one past it. */
+#define C10 "0123456789"
+#define C50 C10 C10 C10 C10 C10
+#define HELO_255 "h" C50 C50 C50 C50 C50 "abcd"
+#define HELO_256 HELO_255 "e"
+static const char helo_255[] = HELO_255;
+_Static_assert(sizeof(HELO_255) == 256, "HELO_255 must be 255 bytes");
 
 static const struct dialogue_case dialogue_cases[] = {
 	/* ---------------- SMTP ---------------- */
@@ -274,6 +274,11 @@ static const struct dialogue_case dialogue_cases[] = {
 		X("RSET", PV_REPLY, S_OK, NULL),
 		X("QUIT", PV_CLOSE, S_BYE, NULL),
 	}, { false } },
+	{ "SMTP require_tls without starttls still refuses (never relays)", PROTO_SMTP, REQUIRE, 0, {
+		X("EHLO c.example", PV_REPLY, EHLO_NOTLS, NULL),
+		X("MAIL FROM:<a@example.org>", PV_REPLY, S_530, REFUSED),
+		X("STARTTLS", PV_REPLY, S_NOTLS, NULL),
+	}, { false } },
 	{ "SMTP MAIL without require_tls is relayed", PROTO_SMTP, OFFER, 0, {
 		X("EHLO c.example", PV_REPLY, EHLO_TLS, NULL),
 		RELAY("MAIL FROM:<a@example.org>"),
@@ -300,17 +305,11 @@ static const struct dialogue_case dialogue_cases[] = {
 		X("EHLO a\r", PV_REPLY, S_EHLOARG, NULL),
 	}, { true, "", false, false, 8 } },
 	{ "SMTP EHLO argument of 256 bytes is refused", PROTO_SMTP, OFFER, 0, {
-		X("EHLO h123456789012345678901234567890123456789012345678901234567890123456789"
-		  "01234567890123456789012345678901234567890123456789012345678901234567890"
-		  "12345678901234567890123456789012345678901234567890123456789012345678901"
-		  "2345678901234567890123456789012345678901",
+		X("EHLO " HELO_256,
 		  PV_REPLY, S_EHLOARG, NULL),
 	}, { true, "", false, false, 1 } },
 	{ "SMTP EHLO argument of 255 bytes is kept", PROTO_SMTP, OFFER, 0, {
-		X("EHLO h123456789012345678901234567890123456789012345678901234567890123456789"
-		  "01234567890123456789012345678901234567890123456789012345678901234567890"
-		  "12345678901234567890123456789012345678901234567890123456789012345678901"
-		  "234567890123456789012345678901234567890",
+		X("EHLO " HELO_255,
 		  PV_REPLY, EHLO_TLS, NULL),
 	}, { true, helo_255, true, true, 1 } },
 	{ "SMTP EHLO keeps only the first word; address literal allowed", PROTO_SMTP, OFFER, 0, {
@@ -405,6 +404,13 @@ static const struct dialogue_case dialogue_cases[] = {
 		X("a4 NOOP x", PV_REPLY, "a4 BAD Command not allowed before STARTTLS\r\n", REFUSED),
 		X("a5 LOGOUT x", PV_REPLY, "a5 BAD Command not allowed before STARTTLS\r\n", REFUSED),
 	}, { false } },
+	{ "IMAP require_tls without starttls still refuses (never relays)", PROTO_IMAP, REQUIRE, 0, {
+		X("a1 LOGIN bob secret", PV_REPLY,
+		  "a1 NO [PRIVACYREQUIRED] Use STARTTLS first\r\n", REFUSED),
+		X("a2 SELECT INBOX", PV_REPLY, "a2 BAD Command not allowed before STARTTLS\r\n",
+		  REFUSED),
+		X("a3 STARTTLS", PV_REPLY, "a3 BAD STARTTLS not available\r\n", NULL),
+	}, { false } },
 	{ "IMAP LOGIN without require_tls is relayed", PROTO_IMAP, OFFER, 0, {
 		X("a1 CAPABILITY", PV_REPLY, I_CAPS_TLS "a1 OK CAPABILITY completed\r\n", NULL),
 		RELAY("a2 LOGIN bob secret"),
@@ -492,6 +498,12 @@ static const struct dialogue_case dialogue_cases[] = {
 		X("STAT", PV_REPLY, P_NOTALLOWED, REFUSED),
 		X("RETR 1", PV_REPLY, P_NOTALLOWED, REFUSED),
 		X("DELE 1", PV_REPLY, P_NOTALLOWED, REFUSED),
+	}, { false } },
+	{ "POP3 require_tls without starttls still refuses (never relays)", PROTO_POP3, REQUIRE, 0, {
+		X("CAPA", PV_REPLY, "+OK Capability list follows\r\n.\r\n", NULL),
+		X("USER bob", PV_REPLY, P_AUTH, REFUSED),
+		X("STAT", PV_REPLY, P_NOTALLOWED, REFUSED),
+		X("STLS", PV_REPLY, P_NOSTLS, NULL),
 	}, { false } },
 	{ "POP3 USER without require_tls is relayed", PROTO_POP3, OFFER, 0, {
 		X("CAPA", PV_REPLY, P_CAPA_TLS, NULL),
@@ -1105,6 +1117,12 @@ static const struct filter_case filter_cases[] = {
 	{ "SMTP STARTTLS in lower case with trailing spaces", PROTO_SMTP,
 	  "250-b.example\r\n250-starttls  \r\n250 8BITMIME\r\n", 0,
 	  "250-b.example\r\n250 8BITMIME\r\n" },
+	{ "SMTP STARTTLS keyword with a parameter", PROTO_SMTP,
+	  "250-b.example\r\n250-STARTTLS REQUIRED\r\n250 SIZE\r\n", 0,
+	  "250-b.example\r\n250 SIZE\r\n" },
+	{ "SMTP STARTTLS keyword with a parameter as the last line", PROTO_SMTP,
+	  "250-b.example\r\n250-SIZE\r\n250 STARTTLS x\r\n", 0,
+	  "250-b.example\r\n250 SIZE\r\n" },
 	{ "SMTP no STARTTLS: unchanged", PROTO_SMTP,
 	  "250-b.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n", 0,
 	  "250-b.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n" },
@@ -1144,6 +1162,12 @@ static const struct filter_case filter_cases[] = {
 	{ "IMAP lower-case untagged capability", PROTO_IMAP,
 	  "* capability imap4rev1 starttls logindisabled idle\r\n", 0,
 	  "* capability imap4rev1 idle\r\n" },
+	{ "IMAP lower-case capability code", PROTO_IMAP,
+	  "* OK [capability imap4rev1 starttls logindisabled idle] ready\r\n", 0,
+	  "* OK [capability imap4rev1 idle] ready\r\n" },
+	{ "IMAP mixed-case capability code in a tagged OK", PROTO_IMAP,
+	  "a1 OK [Capability IMAP4rev1 StartTLS] done\r\n", 0,
+	  "a1 OK [Capability IMAP4rev1] done\r\n" },
 	{ "IMAP look-alike capabilities are kept", PROTO_IMAP,
 	  "* CAPABILITY IMAP4rev1 X-STARTTLS STARTTLS2 LOGINDISABLEDX AUTH=STARTTLS\r\n", 0,
 	  "* CAPABILITY IMAP4rev1 X-STARTTLS STARTTLS2 LOGINDISABLEDX AUTH=STARTTLS\r\n" },
@@ -1174,6 +1198,8 @@ static const struct filter_case filter_cases[] = {
 	  "+OK Capability list follows\r\nTOP\r\nUSER\r\nSASL PLAIN\r\n.\r\n" },
 	{ "POP3 lower-case stls with trailing space", PROTO_POP3, "+OK\r\nstls \r\nUIDL\r\n.\r\n", 0,
 	  "+OK\r\nUIDL\r\n.\r\n" },
+	{ "POP3 STLS with a parameter", PROTO_POP3, "+OK\r\nTOP\r\nSTLS x\r\nUSER\r\n.\r\n", 0,
+	  "+OK\r\nTOP\r\nUSER\r\n.\r\n" },
 	{ "POP3 look-alikes are kept", PROTO_POP3, "+OK\r\nSTLSX\r\nX-STLS\r\nSASL STLS\r\n.\r\n", 0,
 	  "+OK\r\nSTLSX\r\nX-STLS\r\nSASL STLS\r\n.\r\n" },
 	{ "POP3 -ERR unchanged", PROTO_POP3, "-ERR no CAPA here\r\n", 0, "-ERR no CAPA here\r\n" },
