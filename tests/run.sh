@@ -45,7 +45,7 @@ for f in build/fuzz/fuzz_*; do
 	[ -x "$f" ] || continue
 	proto=${f##*/fuzz_}
 	corpus=$(mktemp -d)
-	cp tests/fuzz/corpus/"$proto"/* "$corpus"/ 2>/dev/null
+	cp tests/fuzz/corpus/"$proto"/* tests/fuzz/crashes/"$proto"-* "$corpus"/ 2>/dev/null
 	run "fuzz/$proto" sh -c "'$f' -max_total_time=$FUZZ_SECONDS -print_final_stats=0 '$corpus' \
 		&& echo 'PASS: fuzz_$proto ran ${FUZZ_SECONDS}s without a crash'"
 	rm -rf "$corpus"

@@ -91,9 +91,18 @@ def cleanup_all():
             print("mailstack: cleanup error: %s" % e, file=sys.stderr)
 
 
+_exiting = False
+
+
 def _exit_on_signal(signum, frame):
-    cleanup_all()
-    os._exit(128 + signum)
+    # Unwind the main thread and let atexit clean up: cleaning up inside
+    # the handler could wait on a lock the interrupted code holds (a
+    # Popen.wait() in progress, for one).
+    global _exiting
+    if _exiting:
+        return
+    _exiting = True
+    raise SystemExit(128 + signum)
 
 
 atexit.register(cleanup_all)
@@ -440,10 +449,15 @@ class Postfix:
         if self.ipv6:
             master += "[::1]:%d inet n - n - - smtpd\n" % self.smtp6_port
         master += _POSTFIX_MASTER_SERVICES
-        with open(os.path.join(self.conf_dir, "main.cf"), "w") as f:
-            f.write(main)
-        with open(os.path.join(self.conf_dir, "master.cf"), "w") as f:
-            f.write(master)
+        past = time.time() - 60
+        for name, text in (("main.cf", main), ("master.cf", master)):
+            path = os.path.join(self.conf_dir, name)
+            with open(path, "w") as f:
+                f.write(text)
+            # Postfix's configuration reader pauses in 300 ms steps until a
+            # file it reads is older than a second or two ("let it cool
+            # down"): a fresh main.cf costs every postfix command ~2 s.
+            os.utime(path, (past, past))
 
     def _make_queue(self):
         """Create queue_directory and data_directory with the owners and
@@ -697,6 +711,9 @@ def mailgw_binary():
 
 SANITIZER_RX = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer|ThreadSanitizer)"
                           r"|runtime error: |WARNING: ThreadSanitizer")
+# A worker that dies, as the master reports it, or a sanitizer report.
+CRASH_RX = re.compile(r"killed by signal|dumped core|exited with status [1-9]|"
+                      + SANITIZER_RX.pattern)
 STATS_RX = re.compile(r"stats:(.*)$")
 
 
@@ -762,6 +779,7 @@ class Mailgw:
         self.proc = None
         self.returncode = None
         self.leftovers = False
+        self.started = False
         self._cleanup = None
         self.write_config()
 
@@ -781,9 +799,13 @@ class Mailgw:
             out += ["%s = %s" % (k, _ini_value(v)) for k, v in lst.items() if k != "name"]
         return "\n".join(out) + "\n" + self.extra
 
-    def write_config(self):
-        with open(self.conf, "w") as f:
-            f.write(self.config_text())
+    def write_config(self, text=None):
+        """Write the configuration atomically: a SIGHUP racing with the
+        write must see the old file or the new one, never half of it."""
+        tmp = self.conf + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.config_text() if text is None else text)
+        os.replace(tmp, self.conf)
 
     def addr(self, name):
         for lst in self.listeners:
@@ -806,6 +828,7 @@ class Mailgw:
                                      cwd=self.dir, start_new_session=True)
         log.close()
         self.returncode = None
+        self.started = True
         if self._cleanup is None:
             self._cleanup = on_cleanup(self.kill)
         try:
@@ -833,11 +856,16 @@ class Mailgw:
         self.check()
         self.proc.send_signal(sig)
 
-    def reload(self):
-        """SIGHUP; returns the log offset before the signal so that callers
-        can wait for what the reload logs."""
+    RELOAD_DONE_RX = r"(?i)\breload(ed\b| failed| complete)"
+
+    def reload(self, wait=True, timeout=10.0):
+        """SIGHUP; with wait, until the log says the reload finished (or
+        failed).  Returns the log offset from before the signal."""
         off = len(self.log())
         self.signal(signal.SIGHUP)
+        if wait and self.wait_log(self.RELOAD_DONE_RX, timeout, off) is None:
+            self.check()
+            raise StackError("no end of reload in the log %.0f s after SIGHUP" % timeout)
         return off
 
     def stop(self, timeout=None):
@@ -901,6 +929,10 @@ class Mailgw:
             return ""
         start = txt.rfind("\n", 0, m.start()) + 1
         return txt[start:start + 3000]
+
+    def crash_lines(self, offset=0):
+        """Log lines after offset that report a crashed process."""
+        return [l for l in self.log()[offset:].splitlines() if CRASH_RX.search(l)]
 
     def stats_lines(self):
         return [l for l in self.log().splitlines() if STATS_RX.search(l)]
@@ -1073,7 +1105,7 @@ def demo(config, workdir):
     sys.stdout.flush()
     try:
         rc = gw.wait()
-    except KeyboardInterrupt:
+    except SystemExit:          # Ctrl-C or SIGTERM: the normal way out
         rc = 0
     stop_gw()
     if rc:
