@@ -48,6 +48,7 @@ struct parse_ctx {
 	FILE *fp;
 	int line;          /* line being parsed */
 	bool truncated;    /* reader met a line over CONFIG_LINE_MAX */
+	bool failed;       /* err/err_line hold the first error */
 	int err_line;
 	char err[256];
 	char cur_section[128];
@@ -61,8 +62,9 @@ static int fail(struct parse_ctx *p, const char *fmt, ...)
 {
 	va_list ap;
 
-	if (p->err_line)
+	if (p->failed)
 		return 0; /* keep the first error */
+	p->failed = true;
 	p->err_line = p->line;
 	va_start(ap, fmt);
 	vsnprintf(p->err, sizeof(p->err), fmt, ap);
@@ -85,7 +87,8 @@ static char *reader(char *str, int num, void *stream)
 		/* Skip the rest of the over-long line; report it as an error. */
 		while ((c = fgetc(p->fp)) != EOF && c != '\n')
 			;
-		if (!p->err_line) {
+		if (!p->failed) {
+			p->failed = true;
 			p->err_line = p->line;
 			snprintf(p->err, sizeof(p->err), "line too long (limit %d bytes)", num - 2);
 		}
@@ -476,7 +479,7 @@ static int handler(void *user, const char *section, const char *name, const char
 {
 	struct parse_ctx *p = user;
 
-	if (p->err_line)
+	if (p->failed)
 		return 0;
 	/* A new section: libinih only tells us through the first key in it. */
 	if (strcmp(section, p->cur_section) != 0) {
@@ -630,23 +633,24 @@ int config_load(const char *path, struct config **out, char *err, size_t errlen)
 	}
 	ini_allow_multiline = false;
 	rc = ini_parse_stream(reader, &p, handler, &p);
-	if (rc != 0 && !p.err_line) {
+	if (rc != 0 && !p.failed) {
+		p.failed = true;
 		p.err_line = rc > 0 ? rc : p.line;
 		snprintf(p.err, sizeof(p.err), "syntax error");
 	}
-	if (!p.err_line)
+	if (!p.failed)
 		scan_sections(&p);
 	fclose(p.fp);
 
-	if (!p.err_line && c->ncerts && !c->certs[c->ncerts - 1].key) {
+	if (!p.failed && c->ncerts && !c->certs[c->ncerts - 1].key) {
 		p.line = c->certs[c->ncerts - 1].cert_line;
 		fail(&p, "certificate: missing its private_key");
 	}
-	if (!p.err_line && c->nlisteners == 0) {
+	if (!p.failed && c->nlisteners == 0) {
 		p.line = 0;
 		fail(&p, "no [listener NAME] section");
 	}
-	for (i = 0; !p.err_line && i < c->nlisteners; i++) {
+	for (i = 0; !p.failed && i < c->nlisteners; i++) {
 		if (finish_listener(&p, &c->listeners[i]))
 			break;
 		for (j = 0; j < i; j++) {
@@ -659,7 +663,7 @@ int config_load(const char *path, struct config **out, char *err, size_t errlen)
 			}
 		}
 	}
-	if (p.err_line) {
+	if (p.failed) {
 		snprintf(err, errlen, "%s:%d: %s", path, p.err_line, p.err);
 		config_free(c);
 		return -1;

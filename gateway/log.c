@@ -37,6 +37,8 @@ int log_parse_level(const char *s, enum log_level *out)
 	return -1;
 }
 
+static void log_write_escaped(const char *line, size_t len);
+
 static void log_emit(enum log_level lvl, const char *prefix, const char *fmt, va_list ap)
 {
 	char line[2048];
@@ -57,14 +59,35 @@ static void log_emit(enum log_level lvl, const char *prefix, const char *fmt, va
 		if (n > 0)
 			off += (size_t)n;
 	}
-	if (off > sizeof(line) - 2)
-		off = sizeof(line) - 2;
-	/* Never let a peer-controlled string break the one-event-one-line rule. */
-	for (size_t i = 0; i < off; i++)
-		if (line[i] == '\n' || line[i] == '\r')
-			line[i] = ' ';
-	line[off++] = '\n';
-	(void)!write(STDERR_FILENO, line, off);
+	if (off > sizeof(line) - 1)
+		off = sizeof(line) - 1;
+	log_write_escaped(line, off);
+}
+
+/*
+ * One event, one line, and nothing a peer sends can move the cursor, clear
+ * the screen or forge a line: control bytes and non-ASCII are written as
+ * \xNN.
+ */
+static void log_write_escaped(const char *line, size_t len)
+{
+	static const char hex[] = "0123456789abcdef";
+	char out[2048 * 4 + 2];
+	size_t i, o = 0;
+
+	for (i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)line[i];
+		if (c >= 0x20 && c < 0x7f && c != '\\') {
+			out[o++] = (char)c;
+		} else {
+			out[o++] = '\\';
+			out[o++] = 'x';
+			out[o++] = hex[c >> 4];
+			out[o++] = hex[c & 15];
+		}
+	}
+	out[o++] = '\n';
+	(void)!write(STDERR_FILENO, out, o);
 }
 
 void log_msg(enum log_level lvl, const char *fmt, ...)

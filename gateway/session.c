@@ -86,6 +86,8 @@ struct session {
 	struct session *next, *prev; /* worker's list */
 	struct session *next_ready;
 	bool ready;
+	bool dead;                   /* closed; freed after the current event batch */
+	struct session *next_dead;
 
 	char id[13];
 	struct sockaddr_any peer, local;
@@ -829,6 +831,8 @@ void session_run(struct session *s)
 {
 	int i, r;
 
+	if (s->dead)
+		return;
 	for (i = 0; i < SESS_RUN_BUDGET; i++) {
 		r = step(s);
 		if (r < 0)
@@ -844,6 +848,8 @@ void session_event(struct session *s, bool backend, uint32_t events)
 {
 	struct side *d = backend ? &s->b : &s->c;
 
+	if (s->dead)
+		return; /* closed by an earlier event of the same batch */
 	if (events & (EPOLLERR | EPOLLHUP)) {
 		d->rd_block = d->wr_block = 0;
 	} else {
@@ -1011,7 +1017,7 @@ int session_start(struct worker *w, struct listener_rt *l, int fd)
 	return 0;
 }
 
-/* Used by the worker when it is over its connection limit. */
+/* Release everything the session holds; the struct itself waits for session_reap. */
 static void sess_close(struct session *s)
 {
 	struct worker *w = s->w;
@@ -1033,10 +1039,12 @@ static void sess_close(struct session *s)
 		offload_detach(&s->oc);
 	if (s->ssl)
 		SSL_free(s->ssl);
+	s->ssl = NULL;
 	if (s->c.fd >= 0)
 		close(s->c.fd);
 	if (s->b.fd >= 0)
 		close(s->b.fd);
+	s->c.fd = s->b.fd = -1;
 	buf_free(&s->cin);
 	buf_free(&s->bin);
 	buf_free(&s->cout);
@@ -1055,6 +1063,24 @@ static void sess_close(struct session *s)
 			pp = &(*pp)->next_ready;
 		if (*pp)
 			*pp = s->next_ready;
+		s->ready = false;
 	}
-	free(s);
+	/*
+	 * epoll may still hold events for this session in the batch being
+	 * processed (client and backend both ready): keep the memory until
+	 * the batch is done, marked dead so those events are ignored.
+	 */
+	s->dead = true;
+	s->next_dead = w->dead;
+	w->dead = s;
+}
+
+void session_reap(struct worker *w)
+{
+	struct session *s;
+
+	while ((s = w->dead) != NULL) {
+		w->dead = s->next_dead;
+		free(s);
+	}
 }

@@ -30,6 +30,9 @@ bool session_check_timeout(struct session *s, uint64_t now);
 /* The worker's grace period is over: say goodbye where the protocol allows, close. */
 void session_shutdown(struct session *s);
 
+/* Free sessions closed during the last event batch. */
+void session_reap(struct worker *w);
+
 void session_log_prefix(const struct session *s, char *out, size_t cap);
 
 /* List links, for the worker. */

@@ -328,7 +328,7 @@ int tls_handshake(SSL *ssl, unsigned *want, char *why, size_t cap)
 		*want = EPOLLOUT;
 		return 0;
 	}
-	if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
+	if ((e == SSL_ERROR_SYSCALL || e == SSL_ERROR_ZERO_RETURN) && ERR_peek_error() == 0)
 		snprintf(why, cap, "%s", errno ? strerror(errno) : "connection closed by client");
 	else
 		ossl_reason(why, cap);

@@ -246,6 +246,7 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 			}
 		}
 		run_ready(&w);
+		session_reap(&w);
 
 		now = now_ms();
 		if (pause_until && now >= pause_until && !w.stopping) {
@@ -269,6 +270,7 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 					session_shutdown(s);
 				}
 			}
+			session_reap(&w);
 			if (w.nsessions == 0) {
 				log_debug("worker %u done", idx);
 				/* exit(), not _exit(): the sanitizer build checks for leaks here. */

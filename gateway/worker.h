@@ -41,6 +41,7 @@ struct worker {
 	unsigned nlst;
 	struct session *sessions; /* all open sessions */
 	struct session *ready;    /* sessions with work left after their turn */
+	struct session *dead;     /* closed this turn, freed at its end */
 	unsigned nsessions;
 	bool stopping;
 	uint64_t stop_deadline;

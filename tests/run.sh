@@ -52,11 +52,12 @@ for f in build/fuzz/fuzz_*; do
 done
 
 # Integration tests against the release build, then the sanitizer build.
-for bin in build/mailgw build/asan/mailgw; do
+for build in release asan; do
+	bin=build/mailgw
+	[ "$build" = asan ] && bin=build/asan/mailgw
 	for t in tests/integration/test_*.py; do
 		[ -f "$t" ] || continue
-		run "$(basename "$bin" | sed 's/mailgw/release/')${bin#build/mailgw}/$(basename "$t" .py)" \
-			env MAILGW="$bin" "$PYTHON" "$t"
+		run "$build/$(basename "$t" .py)" env MAILGW="$bin" "$PYTHON" "$t"
 	done
 done
 
