@@ -15,6 +15,7 @@ OUT=/dev/ttyS1
 
 # Settings written by the runner: VM_CWD, VM_QUIET, VM_DEBUG, VM_MODULES,
 # VM_9P_CACHE, VM_HOSTNAME.
+# shellcheck disable=SC1091
 . /job/vm.conf
 
 # Exact bytes to the runner: no CR insertion, no echo.
@@ -56,8 +57,8 @@ case "$VM_CWD" in
 /tmp/?*)
 	tmpshare=${VM_CWD#/tmp/}
 	tmpshare=${tmpshare%%/*}
-	mkdir -p /hosttmp && mount --bind "$R/tmp" /hosttmp ||
-		die "cannot keep the host's /tmp"
+	mkdir -p /hosttmp
+	mount --bind "$R/tmp" /hosttmp || die "cannot keep the host's /tmp"
 	;;
 esac
 
@@ -84,8 +85,8 @@ mount -t debugfs debugfs "$R/sys/kernel/debug" 2>/dev/null
 mount -t tracefs tracefs "$R/sys/kernel/tracing" 2>/dev/null
 
 if [ -n "$tmpshare" ]; then
-	mkdir -p "$R/tmp/$tmpshare" &&
-		mount --bind "/hosttmp/$tmpshare" "$R/tmp/$tmpshare" ||
+	mkdir -p "$R/tmp/$tmpshare"
+	mount --bind "/hosttmp/$tmpshare" "$R/tmp/$tmpshare" ||
 		die "cannot share /tmp/$tmpshare"
 fi
 
@@ -120,7 +121,7 @@ load() {
 	stamp "loaded $1"
 }
 
-loaded= missing=
+loaded='' missing=''
 for m in tls gcm; do
 	load "$m" || die "required module $m does not load"
 	loaded="$loaded $m"
