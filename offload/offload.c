@@ -11,19 +11,31 @@
 #include <string.h>
 
 static const struct offload_ops *const chain[] = {
-	/* NIC inline crypto and kernel TLS: see the kernel TLS engine (later). */
+	/* NIC inline crypto (TLS_HW) and kernel software TLS (TLS_SW): the
+	 * kernel picks the device when the NIC offers it, else software. */
+	&offload_ktls,
+	/* DPDK cryptodev would go here. */
 	&offload_userspace,
 };
 
 const char *offload_request_name(enum offload_request req)
 {
-	return req == OFFLOAD_REQ_USERSPACE ? "userspace" : "auto";
+	return req == OFFLOAD_REQ_USERSPACE ? "userspace" : req == OFFLOAD_REQ_KTLS ? "ktls" : "auto";
+}
+
+const char *offload_mode_name(enum offload_mode m)
+{
+	return m == OFFLOAD_MODE_KTLS_HW ? "ktls_hw" : m == OFFLOAD_MODE_KTLS_SW ? "ktls_sw" :
+									     "userspace";
 }
 
 int offload_attach(enum offload_request req, struct offload_conn *c)
 {
 	size_t i;
 	int rc = -ENOTSUP;
+
+	c->tx_kernel = c->rx_kernel = false;
+	c->tx_mode = c->rx_mode = OFFLOAD_MODE_USERSPACE;
 
 	for (i = 0; i < sizeof(chain) / sizeof(chain[0]); i++) {
 		const struct offload_ops *ops = chain[i];

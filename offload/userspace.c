@@ -12,6 +12,8 @@
 
 static int us_attach(struct offload_conn *c)
 {
+	/* Keys OpenSSL may have put into the kernel are still OpenSSL's to drive. */
+	c->tx_kernel = c->rx_kernel = false;
 	return c->ssl ? 0 : -EINVAL;
 }
 
