@@ -23,7 +23,7 @@ SANFLAGS := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-o
 GATEWAY_SRC := gateway/main.c gateway/config.c gateway/log.c gateway/worker.c \
 	       gateway/session.c gateway/tls.c gateway/stats.c gateway/buf.c \
 	       gateway/proto.c gateway/smtp.c gateway/imap.c gateway/pop3.c gateway/proxy.c
-OFFLOAD_SRC := offload/offload.c offload/userspace.c
+OFFLOAD_SRC := offload/offload.c offload/userspace.c offload/ktls.c offload/keys.c
 SRC := $(GATEWAY_SRC) $(OFFLOAD_SRC)
 HDR := $(wildcard gateway/*.h offload/*.h)
 

@@ -339,11 +339,13 @@ static int offload_key(struct parse_ctx *p, const char *name, const char *v)
 		if (!seen_once(p, &p->offload_seen, 1, name))
 			return 0;
 		if (!strcmp(v, "auto"))
-			p->cfg->offload = OFFLOAD_AUTO;
+			p->cfg->offload = OFFLOAD_REQ_AUTO;
+		else if (!strcmp(v, "ktls"))
+			p->cfg->offload = OFFLOAD_REQ_KTLS;
 		else if (!strcmp(v, "userspace"))
-			p->cfg->offload = OFFLOAD_USERSPACE;
+			p->cfg->offload = OFFLOAD_REQ_USERSPACE;
 		else
-			return fail(p, "mode: expected auto or userspace");
+			return fail(p, "mode: expected auto, ktls or userspace");
 		return 1;
 	}
 	return fail(p, "unknown key '%s' in [offload]", name);
@@ -622,7 +624,7 @@ int config_load(const char *path, struct config **out, char *err, size_t errlen)
 	c->max_connections = 4096;
 	c->min_version = TLS1_2_VERSION;
 	c->session_tickets = true;
-	c->offload = OFFLOAD_AUTO;
+	c->offload = OFFLOAD_REQ_AUTO;
 
 	p.cfg = c;
 	p.fp = fopen(path, "r");

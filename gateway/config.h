@@ -13,6 +13,7 @@
 #include <sys/types.h>
 
 #include "log.h"
+#include "offload.h"
 #include "proto.h"
 
 #define CONFIG_MAX_LISTENERS 64
@@ -23,7 +24,6 @@
 
 enum tls_mode { TLSM_NONE, TLSM_STARTTLS, TLSM_IMPLICIT };
 enum proxy_mode { PROXY_OFF, PROXY_V1, PROXY_V2 };
-enum offload_mode { OFFLOAD_AUTO, OFFLOAD_USERSPACE };
 
 struct sockaddr_any {
 	struct sockaddr_storage ss;
@@ -81,7 +81,7 @@ struct config {
 	int tls_line; /* of the [tls] header, for errors about the section */
 
 	/* [offload] */
-	enum offload_mode offload;
+	enum offload_request offload;
 
 	struct listener_conf listeners[CONFIG_MAX_LISTENERS];
 	unsigned nlisteners;

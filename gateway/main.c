@@ -393,6 +393,10 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	raise_nofile(cur.cfg);
+	if (offload_init(cur.cfg->offload))
+		log_info("kernel TLS available: record crypto moves to the kernel after handshakes");
+	else if (cur.cfg->offload != OFFLOAD_REQ_USERSPACE)
+		log_warn("kernel TLS not available (no tls module): record crypto stays in userspace");
 	if (open_sockets(&cur, NULL, err, sizeof(err)) < 0) {
 		fprintf(stderr, "%s: %s\n", path, err);
 		return 1;

@@ -27,6 +27,7 @@
 #include "session.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/rand.h>
@@ -53,6 +54,7 @@
 #define SESS_CTRL_BUF (8 * 1024)   /* gateway replies, filtered capability replies */
 #define SESS_CLOSE_LINGER_MS 5000  /* time to flush a last reply */
 #define SESS_RUN_BUDGET 64         /* steps per turn before yielding to others */
+#define SESS_PIPE_CAP (64 * 1024)  /* Linux default pipe size: the splice window */
 
 enum sess_state {
 	SS_PRETLS,
@@ -110,6 +112,10 @@ struct session {
 	/* cin: client -> gateway/backend; bin: backend -> client;
 	 * cout/bout: what the gateway itself says to client/backend, sent first. */
 	struct buf cin, cout, bin, bout;
+
+	/* Kernel TLS relay: plaintext moves socket -> pipe -> socket by splice. */
+	int pipe_c2b[2], pipe_b2c[2];
+	size_t in_c2b, in_b2c; /* bytes sitting in each pipe */
 
 	uint64_t started, deadline;
 	uint64_t c2b, b2c;
@@ -503,7 +509,7 @@ static int step_backend_reply(struct session *s)
 
 static void start_handshake(struct session *s)
 {
-	s->ssl = tls_new(s->w->tls, s->c.fd);
+	s->ssl = tls_new(s->w->tls, s->c.fd, s->w->cfg->offload);
 	if (!s->ssl) {
 		log_sess(LOG_ERROR, s, "cannot create TLS session");
 		s->close_reason = "tls setup";
@@ -624,6 +630,55 @@ static int step_pretls(struct session *s)
 
 /* --- handshake ----------------------------------------------------------- */
 
+/*
+ * Count which engine each direction got. When kernel TLS was wanted but a
+ * direction stayed in userspace, count it and log the cause, once per cause
+ * per worker (the next ones at debug level).
+ */
+static void count_offload(struct session *s)
+{
+	static const char *seen[16];
+	static unsigned nseen;
+	const char *cause = s->oc.err[0] ? s->oc.err : NULL;
+	bool wanted = s->w->cfg->offload != OFFLOAD_REQ_USERSPACE && offload_ktls.available();
+	unsigned i;
+
+	stats_inc(s->oc.tx_mode == OFFLOAD_MODE_KTLS_HW ? STAT_offload_ktls_hw_tx :
+		  s->oc.tx_mode == OFFLOAD_MODE_KTLS_SW ? STAT_offload_ktls_sw_tx :
+							   STAT_offload_userspace_tx);
+	stats_inc(s->oc.rx_mode == OFFLOAD_MODE_KTLS_HW ? STAT_offload_ktls_hw_rx :
+		  s->oc.rx_mode == OFFLOAD_MODE_KTLS_SW ? STAT_offload_ktls_sw_rx :
+							   STAT_offload_userspace_rx);
+	if (!wanted || (s->oc.tx_kernel && s->oc.rx_kernel))
+		return;
+	stats_inc(STAT_ktls_fallback);
+	if (!cause)
+		cause = "unknown";
+	for (i = 0; i < nseen; i++) {
+		if (!strncmp(seen[i], cause, 24)) {
+			log_sess(LOG_DEBUG, s, "kernel TLS fallback: %s", cause);
+			return;
+		}
+	}
+	if (nseen < ARRAY_SIZE(seen))
+		seen[nseen++] = strdup(cause);
+	log_sess(LOG_WARN, s, "kernel TLS fallback to userspace for %s: %s (logged once per cause)",
+		 !s->oc.tx_kernel ? "both directions" : "receive", cause);
+}
+
+static int open_pipes(struct session *s)
+{
+	if (pipe2(s->pipe_c2b, O_NONBLOCK | O_CLOEXEC) < 0)
+		return -1;
+	if (pipe2(s->pipe_b2c, O_NONBLOCK | O_CLOEXEC) < 0) {
+		close(s->pipe_c2b[0]);
+		close(s->pipe_c2b[1]);
+		s->pipe_c2b[0] = s->pipe_c2b[1] = -1;
+		return -1;
+	}
+	return 0;
+}
+
 static int step_handshake(struct session *s)
 {
 	unsigned want = 0;
@@ -647,25 +702,30 @@ static int step_handshake(struct session *s)
 	stats_inc(STAT_tls_handshake_ok);
 	s->oc.ssl = s->ssl;
 	s->oc.fd = s->c.fd;
-	if (offload_attach(s->w->cfg->offload == OFFLOAD_USERSPACE ? OFFLOAD_REQ_USERSPACE :
-								     OFFLOAD_REQ_AUTO,
-			   &s->oc) < 0) {
+	if (offload_attach(s->w->cfg->offload, &s->oc) < 0) {
 		log_sess(LOG_ERROR, s, "no record engine accepted the session");
 		s->close_reason = "offload";
 		sess_close(s);
 		return -1;
 	}
 	s->tls = true;
-	if (s->oc.ops == &offload_userspace) {
-		stats_inc(STAT_offload_userspace_tx);
-		stats_inc(STAT_offload_userspace_rx);
+	count_offload(s);
+	if ((s->oc.tx_kernel || s->oc.rx_kernel) && open_pipes(s) < 0) {
+		log_sess(LOG_ERROR, s, "pipe: %s", strerror(errno));
+		s->close_reason = "pipe";
+		sess_close(s);
+		return -1;
 	}
 	{
 		const char *sni = SSL_get_servername(s->ssl, TLSEXT_NAMETYPE_host_name);
-		log_sess(LOG_INFO, s, "TLS established version=%s cipher=%s sni=%s engine=%s",
+		log_sess(LOG_INFO, s,
+			 "TLS established version=%s cipher=%s sni=%s engine=%s tx=%s rx=%s%s",
 			 SSL_get_version(s->ssl),
 			 SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl)), sni ? sni : "-",
-			 s->oc.ops->name);
+			 s->oc.ops->name, offload_mode_name(s->oc.tx_mode),
+			 offload_mode_name(s->oc.rx_mode),
+			 s->oc.ops == &offload_userspace || s->oc.modes_verified ? "" :
+										  " (kernel did not report)");
 	}
 	s->c.rd_block = s->c.wr_block = 0;
 	backend_connect(s);
@@ -722,54 +782,153 @@ static int relay_filter(struct session *s)
 	return 1;
 }
 
+/*
+ * One direction of a kernel-TLS relay: source socket -> pipe -> destination
+ * socket with splice(), so the payload never enters userspace. The kernel
+ * decrypts on the client's RX side and encrypts on its TX side.
+ * Returns 1 progress, 0 blocked, -1 fatal (close_reason set).
+ */
+static int splice_dir(struct session *s, bool c2b)
+{
+	int *pp = c2b ? s->pipe_c2b : s->pipe_b2c;
+	size_t *inpipe = c2b ? &s->in_c2b : &s->in_b2c;
+	struct side *src = c2b ? &s->c : &s->b, *dst = c2b ? &s->b : &s->c;
+	uint64_t *count = c2b ? &s->c2b : &s->b2c;
+	int i, progress = 0;
+
+	for (i = 0; i < 16; i++) {
+		bool moved = false;
+		ssize_t n;
+
+		if (*inpipe < SESS_PIPE_CAP && !src->eof && src->rd_block == 0) {
+			if (c2b) {
+				n = s->oc.ops->splice_from(&s->oc, pp[1], SESS_PIPE_CAP - *inpipe);
+			} else {
+				n = splice(src->fd, NULL, pp[1], NULL, SESS_PIPE_CAP - *inpipe,
+					   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+				if (n < 0)
+					n = errno == EAGAIN || errno == EINTR ? -EAGAIN : -errno;
+			}
+			if (n > 0) {
+				*inpipe += (size_t)n;
+				moved = true;
+			} else if (n == 0) {
+				src->eof = true;
+				moved = true;
+			} else if (n == -EAGAIN) {
+				/*
+				 * A pipe counts buffers, not bytes: with data in it,
+				 * EAGAIN may mean "pipe full", which only draining
+				 * cures. Wait for the socket only when it is empty.
+				 */
+				if (*inpipe == 0)
+					src->rd_block = c2b ? want_event(s->oc.want) : EPOLLIN;
+			} else {
+				log_sess(LOG_INFO, s, "read from %s failed: %s", c2b ? "client" : "backend",
+					 c2b ? s->oc.err : strerror((int)-n));
+				s->close_reason = c2b ? "client error" : "backend error";
+				return -1;
+			}
+		}
+		if (*inpipe > 0 && dst->wr_block == 0) {
+			if (c2b) {
+				n = splice(pp[0], NULL, dst->fd, NULL, *inpipe,
+					   SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+				if (n < 0)
+					n = errno == EAGAIN || errno == EINTR ? -EAGAIN : -errno;
+			} else {
+				n = s->oc.ops->splice_to(&s->oc, pp[0], *inpipe);
+			}
+			if (n > 0) {
+				*inpipe -= (size_t)n;
+				*count += (uint64_t)n;
+				moved = true;
+			} else if (n == -EAGAIN) {
+				dst->wr_block = c2b ? EPOLLOUT : want_event(s->oc.want);
+			} else {
+				log_sess(LOG_INFO, s, "write to %s failed: %s", c2b ? "backend" : "client",
+					 c2b ? strerror((int)-n) : s->oc.err);
+				s->close_reason = c2b ? "backend error" : "client error";
+				return -1;
+			}
+		}
+		if (!moved)
+			break;
+		progress = 1;
+	}
+	return progress;
+}
+
 static int step_relay(struct session *s)
 {
 	int progress = 0, r;
+	/* Kernel paths once the gateway's own bytes in each direction are out. */
+	bool b2c_splice = s->tls && s->oc.tx_kernel && !s->filter && !buf_len(&s->cout) &&
+			  !buf_len(&s->bin);
+	bool c2b_splice = s->tls && s->oc.rx_kernel && !buf_len(&s->cin) && !buf_len(&s->bout);
 
 	/* backend -> client: gateway text first, then relayed bytes. */
-	r = flush(s, &s->c, &s->cout, &s->b2c);
-	if (r < 0)
-		goto client_gone;
-	progress |= r;
-	if (!buf_len(&s->cout) && !s->filter) {
-		r = flush(s, &s->c, &s->bin, &s->b2c);
+	if (b2c_splice) {
+		r = splice_dir(s, false);
+		if (r < 0)
+			goto gone;
+		progress |= r;
+	} else {
+		r = flush(s, &s->c, &s->cout, &s->b2c);
 		if (r < 0)
 			goto client_gone;
 		progress |= r;
+		if (!buf_len(&s->cout) && !s->filter) {
+			r = flush(s, &s->c, &s->bin, &s->b2c);
+			if (r < 0)
+				goto client_gone;
+			progress |= r;
+		}
+		if (!(s->tls && s->oc.tx_kernel && !s->filter)) {
+			r = fill(s, &s->b, &s->bin);
+			if (r < 0)
+				goto backend_gone;
+			progress |= r;
+		}
+		if (s->filter)
+			progress |= relay_filter(s);
 	}
-	r = fill(s, &s->b, &s->bin);
-	if (r < 0)
-		goto backend_gone;
-	progress |= r;
-	if (s->filter)
-		progress |= relay_filter(s);
 
 	/* client -> backend */
-	r = flush(s, &s->b, &s->bout, &s->c2b);
-	if (r < 0)
-		goto backend_gone;
-	progress |= r;
-	if (!buf_len(&s->bout)) {
-		r = flush(s, &s->b, &s->cin, &s->c2b);
+	if (c2b_splice) {
+		r = splice_dir(s, true);
+		if (r < 0)
+			goto gone;
+		progress |= r;
+	} else {
+		r = flush(s, &s->b, &s->bout, &s->c2b);
 		if (r < 0)
 			goto backend_gone;
 		progress |= r;
+		if (!buf_len(&s->bout)) {
+			r = flush(s, &s->b, &s->cin, &s->c2b);
+			if (r < 0)
+				goto backend_gone;
+			progress |= r;
+		}
+		if (!(s->tls && s->oc.rx_kernel)) {
+			r = fill(s, &s->c, &s->cin);
+			if (r < 0)
+				goto client_gone;
+			progress |= r;
+		}
 	}
-	r = fill(s, &s->c, &s->cin);
-	if (r < 0)
-		goto client_gone;
-	progress |= r;
 
 	if (progress)
 		set_deadline(s, s->lc->idle_timeout_ms);
 
 	/* Half-closes: pass each FIN on once everything before it is delivered. */
-	if (s->c.eof && !s->b.shut && !buf_len(&s->cin) && !buf_len(&s->bout)) {
+	if (s->c.eof && !s->b.shut && !buf_len(&s->cin) && !buf_len(&s->bout) && !s->in_c2b) {
 		shutdown(s->b.fd, SHUT_WR);
 		s->b.shut = true;
 		progress = 1;
 	}
-	if (s->b.eof && !buf_len(&s->bin) && !buf_len(&s->cout)) {
+	if (s->b.eof && !buf_len(&s->bin) && !buf_len(&s->cout) && !s->in_b2c) {
 		s->close_reason = "backend closed";
 		sess_close(s);
 		return -1;
@@ -783,10 +942,10 @@ static int step_relay(struct session *s)
 
 client_gone:
 	s->close_reason = "client error";
-	sess_close(s);
-	return -1;
+	goto gone;
 backend_gone:
 	s->close_reason = "backend error";
+gone:
 	sess_close(s);
 	return -1;
 }
@@ -959,6 +1118,7 @@ int session_start(struct worker *w, struct listener_rt *l, int fd)
 	s->lc = l->conf;
 	s->c.fd = fd;
 	s->b.fd = -1;
+	s->pipe_c2b[0] = s->pipe_c2b[1] = s->pipe_b2c[0] = s->pipe_b2c[1] = -1;
 	s->c.ev.type = EV_CLIENT;
 	s->c.ev.owner = s;
 	s->started = now_ms();
@@ -1034,6 +1194,8 @@ static void sess_close(struct session *s)
 	stats_add(STAT_bytes_client_to_backend, (int64_t)s->c2b);
 	stats_add(STAT_bytes_backend_to_client, (int64_t)s->b2c);
 	stats_add(STAT_sessions_active, -1);
+	if (s->oc.keyupdate)
+		stats_inc(STAT_ktls_keyupdate);
 
 	if (s->oc.ops)
 		offload_detach(&s->oc);
@@ -1045,6 +1207,12 @@ static void sess_close(struct session *s)
 	if (s->b.fd >= 0)
 		close(s->b.fd);
 	s->c.fd = s->b.fd = -1;
+	for (int i = 0; i < 2; i++) {
+		if (s->pipe_c2b[i] >= 0)
+			close(s->pipe_c2b[i]);
+		if (s->pipe_b2c[i] >= 0)
+			close(s->pipe_b2c[i]);
+	}
 	buf_free(&s->cin);
 	buf_free(&s->bin);
 	buf_free(&s->cout);

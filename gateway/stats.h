@@ -34,7 +34,13 @@
 	X(bytes_client_to_backend)                                            \
 	X(bytes_backend_to_client)                                            \
 	X(offload_userspace_tx)                                               \
-	X(offload_userspace_rx)
+	X(offload_userspace_rx)                                               \
+	X(offload_ktls_sw_tx)                                                 \
+	X(offload_ktls_sw_rx)                                                 \
+	X(offload_ktls_hw_tx)                                                 \
+	X(offload_ktls_hw_rx)                                                 \
+	X(ktls_fallback)        /* kTLS wanted, a direction stayed in userspace */ \
+	X(ktls_keyupdate)       /* sessions ended by a KeyUpdate kTLS cannot follow */
 
 enum stat_id {
 #define STATS_ENUM(name) STAT_##name,

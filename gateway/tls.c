@@ -180,6 +180,7 @@ static SSL_CTX *new_ctx(const struct config *c, struct tls_ctx *t, char *why, si
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
 	SSL_CTX_set_tlsext_servername_callback(ctx, servername_cb);
 	SSL_CTX_set_tlsext_servername_arg(ctx, t);
+	offload_setup_ctx(ctx);
 	ERR_clear_error();
 	return ctx;
 err:
@@ -294,7 +295,7 @@ unsigned tls_count(const struct tls_ctx *t)
 	return t ? t->n : 0;
 }
 
-SSL *tls_new(struct tls_ctx *t, int fd)
+SSL *tls_new(struct tls_ctx *t, int fd, enum offload_request req)
 {
 	SSL *ssl;
 
@@ -307,6 +308,7 @@ SSL *tls_new(struct tls_ctx *t, int fd)
 		SSL_free(ssl);
 		return NULL;
 	}
+	offload_prepare(req, ssl);
 	return ssl;
 }
 

@@ -8,6 +8,8 @@
 #include <openssl/ssl.h>
 #include <stddef.h>
 
+#include "offload.h"
+
 struct config;
 struct tls_ctx;
 
@@ -15,8 +17,9 @@ struct tls_ctx;
 int tls_build(const struct config *c, struct tls_ctx **out, char *err, size_t errlen);
 void tls_free(struct tls_ctx *t);
 
-/* A new server SSL on fd, starting with the default certificate. */
-SSL *tls_new(struct tls_ctx *t, int fd);
+/* A new server SSL on fd, starting with the default certificate, ready for
+ * the record engine asked for (kernel TLS needs settings before the handshake). */
+SSL *tls_new(struct tls_ctx *t, int fd, enum offload_request req);
 
 /*
  * One handshake step: 1 done, 0 blocked (*want = EPOLLIN or EPOLLOUT),

@@ -34,7 +34,7 @@ int offload_attach(enum offload_request req, struct offload_conn *c)
 	size_t i;
 	int rc = -ENOTSUP;
 
-	c->tx_kernel = c->rx_kernel = false;
+	c->tx_kernel = c->rx_kernel = c->modes_verified = false;
 	c->tx_mode = c->rx_mode = OFFLOAD_MODE_USERSPACE;
 
 	for (i = 0; i < sizeof(chain) / sizeof(chain[0]); i++) {

@@ -43,6 +43,7 @@ struct offload_conn {
 	bool tx_kernel;    /* the kernel encrypts what we send: splice_to works */
 	bool rx_kernel;    /* the kernel decrypts what we receive: splice_from works */
 	bool keyupdate;    /* ended by a TLS 1.3 KeyUpdate the kernel cannot follow */
+	bool modes_verified; /* tx_mode/rx_mode read back from the kernel (sock_diag) */
 	void *priv;        /* engine state */
 	char err[128];     /* last fatal error, for the log */
 };
