@@ -6,6 +6,7 @@
 #   make test     deps + build + every test; ends with "N passed, N failed"
 #   make asan     sanitizer build (ASan+UBSan) in build/asan/mailgw
 #   make fuzz     libFuzzer targets in build/fuzz/
+#   make vm-test  the kernel-TLS tests inside Debian's kernel under qemu (tests/vm)
 #   make check-config CONFIG=FILE
 
 CC       ?= gcc
@@ -23,7 +24,8 @@ SANFLAGS := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-o
 GATEWAY_SRC := gateway/main.c gateway/config.c gateway/log.c gateway/worker.c \
 	       gateway/session.c gateway/tls.c gateway/stats.c gateway/buf.c \
 	       gateway/proto.c gateway/smtp.c gateway/imap.c gateway/pop3.c gateway/proxy.c
-OFFLOAD_SRC := offload/offload.c offload/userspace.c offload/ktls.c offload/keys.c
+OFFLOAD_SRC := offload/offload.c offload/userspace.c offload/ktls.c offload/keys.c \
+	       offload/nic.c
 SRC := $(GATEWAY_SRC) $(OFFLOAD_SRC)
 HDR := $(wildcard gateway/*.h offload/*.h)
 
@@ -34,7 +36,7 @@ PURE_SRC := gateway/buf.c gateway/proto.c gateway/smtp.c gateway/imap.c \
 UNIT_TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(wildcard tests/unit/test_*.c))
 FUZZERS    := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
 
-.PHONY: all deps asan fuzz unit test run clean check-config
+.PHONY: all deps asan fuzz unit test run clean check-config vm-test
 
 all: $(BUILD)/mailgw
 
@@ -67,6 +69,11 @@ $(BUILD)/fuzz/%: tests/fuzz/%.c $(PURE_SRC) $(HDR) $(wildcard tests/fuzz/*.h)
 
 deps:
 	@sh tests/deps.sh
+	@sh tests/vm/deps.sh
+
+# Kernel TLS lane: the host kernel has no kTLS, so these run in a guest.
+vm-test: deps all
+	@VM_ONLY=1 sh tests/run.sh
 
 test: deps
 	@$(MAKE) --no-print-directory all asan unit fuzz

@@ -259,6 +259,16 @@ static void free_generation(struct generation *g)
 	memset(g, 0, sizeof(*g));
 }
 
+static unsigned nic_tls_capable;
+
+static void nic_report(const char *ifname, const char *feature, bool available, bool active)
+{
+	if (!available)
+		return;
+	nic_tls_capable++;
+	log_info("NIC %s: %s %s", ifname, feature, active ? "on" : "available but off");
+}
+
 static void log_stats(void)
 {
 	char line[1600];
@@ -393,8 +403,12 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	raise_nofile(cur.cfg);
-	if (offload_init(cur.cfg->offload))
+	if (offload_init(cur.cfg->offload)) {
 		log_info("kernel TLS available: record crypto moves to the kernel after handshakes");
+		offload_nic_report(nic_report);
+		if (!nic_tls_capable)
+			log_info("no NIC offers TLS offload: kernel TLS runs in software (TLS_SW)");
+	}
 	else if (cur.cfg->offload != OFFLOAD_REQ_USERSPACE)
 		log_warn("kernel TLS not available (no tls module): record crypto stays in userspace");
 	if (open_sockets(&cur, NULL, err, sizeof(err)) < 0) {

@@ -80,6 +80,14 @@ extern const struct offload_ops offload_ktls;
  */
 bool offload_init(enum offload_request req);
 
+/*
+ * NIC TLS offload per interface (ethtool features tls-hw-tx-offload,
+ * tls-hw-rx-offload, tls-hw-record): report() is called for each one the
+ * kernel knows on each interface.
+ */
+void offload_nic_report(void (*report)(const char *ifname, const char *feature, bool available,
+				       bool active));
+
 /* Per TLS context and per connection, before the handshake. */
 void offload_setup_ctx(SSL_CTX *ctx);
 void offload_prepare(enum offload_request req, SSL *ssl);

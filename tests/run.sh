@@ -34,6 +34,23 @@ run() { # name, command...
 	skip=$((skip + s))
 }
 
+# vm_run NAME SCRIPT: a test script inside the kernel-TLS guest (tests/vm/run);
+# exit 77 (no qemu or kernel image) becomes the SKIP line the runner printed.
+vm_run() {
+	run "$1" sh -c 'tests/vm/run "$0" "$1"; rc=$?; [ "$rc" = 77 ] && rc=0; exit "$rc"' \
+		"$PYTHON" "$2"
+}
+
+if [ "${VM_ONLY:-0}" = 1 ]; then
+	vm_run vm/ktls_probe tests/vm/ktls_probe.py
+	[ -f tests/vm/test_ktls.py ] && vm_run vm/test_ktls tests/vm/test_ktls.py
+	echo
+	echo "$skip skipped"
+	echo "$pass passed, $fail failed"
+	[ "$fail" -eq 0 ]
+	exit
+fi
+
 # Unit tests, plain and sanitized.
 for t in build/tests/test_*; do
 	[ -x "$t" ] || continue
@@ -59,6 +76,16 @@ for build in release asan; do
 		[ -f "$t" ] || continue
 		run "$build/$(basename "$t" .py)" env MAILGW="$bin" "$PYTHON" "$t"
 	done
+done
+
+# Kernel TLS lane (the host kernel has none): the same tests inside a guest,
+# and on the host, where they must report SKIP.
+vm_run vm/ktls_probe tests/vm/ktls_probe.py
+run host/ktls_probe "$PYTHON" tests/vm/ktls_probe.py
+for t in tests/vm/test_*.py; do
+	[ -f "$t" ] || continue
+	vm_run "vm/$(basename "$t" .py)" "$t"
+	run "host/$(basename "$t" .py)" "$PYTHON" "$t"
 done
 
 echo
