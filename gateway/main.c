@@ -224,7 +224,8 @@ static unsigned count_children(void)
 static void raise_nofile(const struct config *c)
 {
 	struct rlimit rl;
-	rlim_t want = (rlim_t)c->max_connections * 2 + 64;
+	/* client + backend sockets, and two pipes each with kernel TLS */
+	rlim_t want = (rlim_t)c->max_connections * 6 + 64;
 
 	if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
 		return;
