@@ -52,13 +52,16 @@ $(BUILD)/asan/mailgw: $(SRC) $(HDR) Makefile
 
 unit: $(UNIT_TESTS) $(UNIT_TESTS:%=%-asan)
 
-$(BUILD)/tests/%: tests/unit/%.c $(PURE_SRC) $(HDR) $(wildcard tests/unit/*.h)
-	@mkdir -p $(@D)
-	$(CC) $(CFLAGS) -o $@ $< $(PURE_SRC)
+# Unit tests also get the key schedule (offload/keys.c, libcrypto).
+UNIT_SRC := $(PURE_SRC) offload/keys.c
 
-$(BUILD)/tests/%-asan: tests/unit/%.c $(PURE_SRC) $(HDR) $(wildcard tests/unit/*.h)
+$(BUILD)/tests/%: tests/unit/%.c $(UNIT_SRC) $(HDR) $(wildcard tests/unit/*.h)
 	@mkdir -p $(@D)
-	$(CC) -std=gnu11 $(WARN) -Igateway $(SANFLAGS) -o $@ $< $(PURE_SRC)
+	$(CC) $(CFLAGS) -o $@ $< $(UNIT_SRC) -lcrypto
+
+$(BUILD)/tests/%-asan: tests/unit/%.c $(UNIT_SRC) $(HDR) $(wildcard tests/unit/*.h)
+	@mkdir -p $(@D)
+	$(CC) -std=gnu11 $(WARN) -Igateway -Ioffload $(SANFLAGS) -o $@ $< $(UNIT_SRC) -lcrypto
 
 fuzz: $(FUZZERS)
 

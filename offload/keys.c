@@ -100,8 +100,10 @@ int keys_parse_keylog(const char *line, const char *label, uint8_t *secret, size
 	if (strncmp(line, label, ll) != 0 || line[ll] != ' ')
 		return 0;
 	p = strchr(line + ll + 1, ' '); /* skip the client random */
-	if (!p)
+	if (!p) {
+		OPENSSL_cleanse(secret, cap);
 		return -1;
+	}
 	for (p++; p[0] && p[1] && p[0] != ' '; p += 2) {
 		int hi = hexval(p[0]), lo = hexval(p[1]);
 		if (hi < 0 || lo < 0 || n >= cap) {
