@@ -474,6 +474,7 @@ static struct listener_conf *new_listener(struct parse_ctx *p, const char *name)
 	strlcpy0(l->name, name, sizeof(l->name));
 	l->line = p->line;
 	l->tls = TLSM_STARTTLS;
+	l->slot = -1;
 	return l;
 }
 

@@ -48,6 +48,7 @@ struct listener_conf {
 	unsigned idle_timeout_ms;
 	unsigned connect_timeout_ms;
 	unsigned seen; /* bitmask of keys given, for defaults and duplicates */
+	int slot;      /* per-listener counter slot (stats.h), set by the master */
 };
 
 struct cert_pair {

@@ -252,6 +252,20 @@ static int load(const char *path, struct generation *g, char *err, size_t errlen
 	return 0;
 }
 
+/* Per-listener counter slots are kept by name across reloads. */
+static void assign_slots(struct config *c)
+{
+	unsigned i;
+
+	for (i = 0; i < c->nlisteners; i++) {
+		struct listener_conf *l = &c->listeners[i];
+		l->slot = stats_listener_slot(l->name, proto_name(l->protocol));
+		if (l->slot < 0)
+			log_warn("[%s] no counter slot left (%d listener names seen): its "
+				 "per-listener metrics are not kept", l->name, STATS_MAX_LISTENERS);
+	}
+}
+
 static void free_generation(struct generation *g)
 {
 	close_sockets(g);
@@ -296,6 +310,7 @@ static void reload(const char *path, struct generation *cur, unsigned *next_gen)
 		return;
 	}
 	g.gen = (*next_gen)++;
+	assign_slots(g.cfg);
 	log_set_level(g.cfg->log_level);
 	raise_nofile(g.cfg);
 	/* Old sockets nobody reuses: the old workers hold their own copies. */
@@ -403,6 +418,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "cannot map counters: %s\n", strerror(errno));
 		return 1;
 	}
+	assign_slots(cur.cfg);
 	raise_nofile(cur.cfg);
 	if (offload_init(cur.cfg->offload)) {
 		log_info("kernel TLS available: record crypto moves to the kernel after handshakes");

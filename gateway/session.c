@@ -118,6 +118,7 @@ struct session {
 	size_t in_c2b, in_b2c; /* bytes sitting in each pipe */
 
 	uint64_t started, deadline;
+	uint64_t hs_started_us;
 	uint64_t c2b, b2c;
 	const char *close_reason;
 };
@@ -286,6 +287,13 @@ static int fill(struct session *s, struct side *d, struct buf *b)
 
 /* --- backend connection ------------------------------------------------- */
 
+static void backend_failed(struct session *s, enum lstat_id reason, const char *why)
+{
+	stats_inc(STAT_backend_fail);
+	stats_linc(s->lc->slot, reason);
+	fail_with(s, PE_BACKEND_DOWN, why);
+}
+
 static int queue_proxy_header(struct session *s)
 {
 	unsigned char hdr[PROXY_HDR_MAX];
@@ -321,15 +329,13 @@ static void backend_connect(struct session *s)
 	set_state(s, SS_CONNECT);
 	set_deadline(s, s->lc->connect_timeout_ms);
 	if (queue_proxy_header(s) < 0) {
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "proxy header");
+		backend_failed(s, LS_backend_connect, "proxy header");
 		return;
 	}
 	fd = socket(s->lc->backend.ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0) {
 		log_sess(LOG_ERROR, s, "backend socket: %s", strerror(errno));
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "backend socket");
+		backend_failed(s, LS_backend_connect, "backend socket");
 		return;
 	}
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -339,15 +345,13 @@ static void backend_connect(struct session *s)
 	ee.data.ptr = &s->b.ev;
 	if (epoll_ctl(s->w->epfd, EPOLL_CTL_ADD, fd, &ee) < 0) {
 		log_sess(LOG_ERROR, s, "epoll_ctl backend: %s", strerror(errno));
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "epoll");
+		backend_failed(s, LS_backend_connect, "epoll");
 		return;
 	}
 	if (connect(fd, (struct sockaddr *)&s->lc->backend.ss, s->lc->backend.len) < 0 &&
 	    errno != EINPROGRESS) {
 		log_sess(LOG_WARN, s, "backend %s: connect: %s", s->lc->backend_str, strerror(errno));
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "backend connect");
+		backend_failed(s, LS_backend_connect, "backend connect");
 		return;
 	}
 	/* Writability reports the outcome (RFC-less but POSIX: connect(2)). */
@@ -365,8 +369,7 @@ static int step_connect(struct session *s)
 		err = errno;
 	if (err) {
 		log_sess(LOG_WARN, s, "backend %s: connect: %s", s->lc->backend_str, strerror(err));
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "backend connect");
+		backend_failed(s, LS_backend_connect, "backend connect");
 		return 1;
 	}
 	s->b.rd_block = 0;
@@ -434,8 +437,7 @@ static int step_backend_reply(struct session *s)
 
 	r = flush(s, &s->b, &s->bout, NULL);
 	if (r < 0) {
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "backend write");
+		backend_failed(s, LS_backend_closed, "backend write");
 		return 1;
 	}
 	progress |= r;
@@ -443,8 +445,7 @@ static int step_backend_reply(struct session *s)
 	if (r < 0 || (s->b.eof && buf_len(&s->bin) == 0)) {
 		log_sess(LOG_WARN, s, "backend %s closed before its %s", s->lc->backend_str,
 			 s->state == SS_GREETING ? "greeting" : "reply");
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "backend closed");
+		backend_failed(s, LS_backend_closed, "backend closed");
 		return 1;
 	}
 	progress |= r;
@@ -452,8 +453,7 @@ static int step_backend_reply(struct session *s)
 	if (r == 0) {
 		if (s->b.eof) {
 			log_sess(LOG_WARN, s, "backend %s closed mid-response", s->lc->backend_str);
-			stats_inc(STAT_backend_fail);
-			fail_with(s, PE_BACKEND_DOWN, "backend closed");
+			backend_failed(s, LS_backend_closed, "backend closed");
 			return 1;
 		}
 		return progress;
@@ -466,8 +466,7 @@ static int step_backend_reply(struct session *s)
 		log_sess(LOG_WARN, s, "backend %s: unexpected %s: %.*s", s->lc->backend_str,
 			 s->state == SS_GREETING ? "greeting" : "reply to replayed EHLO",
 			 (int)(nl ? (size_t)(nl - p) : n), (const char *)p);
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "backend refused");
+		backend_failed(s, LS_backend_refused, "backend refused");
 		return 1;
 	}
 
@@ -518,6 +517,7 @@ static void start_handshake(struct session *s)
 	}
 	set_state(s, SS_HANDSHAKE);
 	set_deadline(s, s->lc->handshake_timeout_ms);
+	s->hs_started_us = now_us();
 	s->c.rd_block = s->c.wr_block = 0;
 }
 
@@ -549,6 +549,8 @@ static int step_pretls(struct session *s)
 			log_sess(LOG_WARN, s, "%zu bytes pipelined after STARTTLS: rejected",
 				 buf_len(&s->cin));
 			stats_inc(STAT_starttls_injection);
+			stats_linc(s->lc->slot, LS_starttls_injection);
+			stats_linc(s->lc->slot, LS_starttls_rejected);
 			buf_reset(&s->cin);
 			fail_with(s, PE_INJECTION, "starttls injection");
 			return 1;
@@ -581,6 +583,7 @@ static int step_pretls(struct session *s)
 		if (ls == LINE_TOO_LONG) {
 			log_sess(LOG_WARN, s, "command line over %u bytes", s->lc->max_line);
 			stats_inc(STAT_line_too_long);
+			stats_linc(s->lc->slot, LS_limit_line_length);
 			buf_reset(&s->cin);
 			fail_with(s, PE_LINE_TOO_LONG, "line too long");
 			return 1;
@@ -600,6 +603,7 @@ static int step_pretls(struct session *s)
 			log_sess(LOG_WARN, s, "%zu bytes pipelined after STARTTLS: rejected",
 				 buf_len(&s->cin) - adv);
 			stats_inc(STAT_starttls_injection);
+			stats_linc(s->lc->slot, LS_starttls_injection);
 			buf_reset(&s->cin);
 			fail_with(s, PE_INJECTION, "starttls injection");
 			return 1;
@@ -607,9 +611,13 @@ static int step_pretls(struct session *s)
 		buf_consume(&s->cin, adv);
 		if (rep.counter == STAT_require_tls_refused)
 			log_sess(LOG_INFO, s, "refused before TLS: %.*s", (int)MIN(len, 16), line);
-		if (rep.counter == STAT_pretls_limit)
+		if (rep.counter == STAT_pretls_limit) {
 			log_sess(LOG_WARN, s, "more than %u commands before TLS",
 				 s->l->pc.max_commands);
+			stats_linc(s->lc->slot, LS_limit_pretls_commands);
+		}
+		if (rep.counter == STAT_starttls)
+			stats_linc(s->lc->slot, LS_starttls_ok);
 		reply(s, &rep);
 		if (v == PV_STARTTLS) {
 			/* RFC 3207 §4.2, RFC 2595 §3.1: forget all we learned. */
@@ -695,11 +703,15 @@ static int step_handshake(struct session *s)
 	if (r < 0) {
 		log_sess(LOG_INFO, s, "TLS handshake failed: %s", why);
 		stats_inc(STAT_tls_handshake_fail);
+		stats_linc(s->lc->slot, LS_handshake_error);
 		s->close_reason = "handshake failed";
 		sess_close(s);
 		return -1;
 	}
 	stats_inc(STAT_tls_handshake_ok);
+	stats_linc(s->lc->slot, SSL_version(s->ssl) == TLS1_3_VERSION ? LS_handshake_ok_tls13 :
+									 LS_handshake_ok_tls12);
+	stats_handshake_time(s->lc->slot, now_us() - s->hs_started_us);
 	s->oc.ssl = s->ssl;
 	s->oc.fd = s->c.fd;
 	if (offload_attach(s->w->cfg->offload, &s->oc) < 0) {
@@ -1037,6 +1049,8 @@ bool session_check_timeout(struct session *s, uint64_t now)
 		log_sess(LOG_INFO, s, "TLS handshake timed out after %u ms",
 			 s->lc->handshake_timeout_ms);
 		stats_inc(STAT_handshake_timeout);
+		stats_linc(s->lc->slot, LS_handshake_error);
+		stats_linc(s->lc->slot, LS_limit_handshake_timeout);
 		s->close_reason = "handshake timeout";
 		sess_close(s);
 		return true;
@@ -1045,13 +1059,13 @@ bool session_check_timeout(struct session *s, uint64_t now)
 	case SS_REPLAY:
 		log_sess(LOG_WARN, s, "backend %s: no answer within %u ms", s->lc->backend_str,
 			 s->lc->connect_timeout_ms);
-		stats_inc(STAT_backend_fail);
-		fail_with(s, PE_BACKEND_DOWN, "backend timeout");
+		backend_failed(s, LS_backend_timeout, "backend timeout");
 		session_run(s);
 		return false;
 	case SS_PRETLS:
 		log_sess(LOG_INFO, s, "idle for %u ms before TLS", s->lc->idle_timeout_ms);
 		stats_inc(STAT_idle_timeout);
+		stats_linc(s->lc->slot, LS_limit_idle_timeout);
 		fail_with(s, PE_IDLE_TIMEOUT, "idle timeout");
 		session_run(s);
 		return false;
@@ -1060,6 +1074,7 @@ bool session_check_timeout(struct session *s, uint64_t now)
 		/* After TLS the backend owns the dialogue; we just end it. */
 		log_sess(LOG_INFO, s, "idle for %u ms", s->lc->idle_timeout_ms);
 		stats_inc(STAT_idle_timeout);
+		stats_linc(s->lc->slot, LS_limit_idle_timeout);
 		s->close_reason = "idle timeout";
 		sess_close(s);
 		return true;
@@ -1158,6 +1173,8 @@ int session_start(struct worker *w, struct listener_rt *l, int fd)
 	w->nsessions++;
 	stats_inc(STAT_connections);
 	stats_inc(STAT_sessions_active);
+	stats_linc(s->lc->slot, LS_connections);
+	stats_linc(s->lc->slot, LS_active);
 	log_sess(LOG_INFO, s, "connect on %s (%s, tls=%s)", s->lc->listen_str,
 		 proto_name(s->lc->protocol), tls_mode_name(s->lc->tls));
 
@@ -1194,6 +1211,9 @@ static void sess_close(struct session *s)
 	stats_add(STAT_bytes_client_to_backend, (int64_t)s->c2b);
 	stats_add(STAT_bytes_backend_to_client, (int64_t)s->b2c);
 	stats_add(STAT_sessions_active, -1);
+	stats_ladd(s->lc->slot, LS_active, -1);
+	stats_ladd(s->lc->slot, LS_bytes_client_to_backend, (int64_t)s->c2b);
+	stats_ladd(s->lc->slot, LS_bytes_backend_to_client, (int64_t)s->b2c);
 	if (s->oc.keyupdate)
 		stats_inc(STAT_ktls_keyupdate);
 

@@ -23,6 +23,15 @@ static inline uint64_t now_ms(void)
 	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+/* Microseconds on the monotonic clock: durations worth a histogram. */
+static inline uint64_t now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
 /* Copy with truncation, always NUL-terminated; returns the source length. */
 static inline size_t strlcpy0(char *dst, const char *src, size_t cap)
 {

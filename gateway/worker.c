@@ -74,6 +74,7 @@ static void reject_overload(struct worker *w, struct listener_rt *l, int fd)
 	uint64_t now = now_ms();
 
 	stats_inc(STAT_connections_rejected);
+	stats_linc(l->conf->slot, LS_limit_max_connections);
 	if (now - last_log > 1000) {
 		log_warn("[%s] at max_connections (%u): refusing new connections", l->conf->name,
 			 w->cfg->max_connections);
