@@ -18,11 +18,11 @@ WARN     := -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wno-format-nonliteral
 HARDEN   := -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fPIE
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=gnu11 $(WARN) -Igateway -Ioffload
-LDLIBS   := -lssl -lcrypto -linih
+LDLIBS   := -lssl -lcrypto -linih -lmicrohttpd
 SANFLAGS := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 GATEWAY_SRC := gateway/main.c gateway/config.c gateway/log.c gateway/worker.c \
-	       gateway/session.c gateway/tls.c gateway/stats.c gateway/buf.c \
+	       gateway/session.c gateway/tls.c gateway/stats.c gateway/buf.c gateway/metrics.c \
 	       gateway/proto.c gateway/smtp.c gateway/imap.c gateway/pop3.c gateway/proxy.c
 OFFLOAD_SRC := offload/offload.c offload/userspace.c offload/ktls.c offload/keys.c \
 	       offload/nic.c

@@ -53,7 +53,7 @@ struct parse_ctx {
 	char err[256];
 	char cur_section[128];
 	struct listener_conf *cur_listener;
-	unsigned global_seen, tls_seen, offload_seen;
+	unsigned global_seen, tls_seen, offload_seen, metrics_seen;
 	bool in_known_section;
 };
 
@@ -351,6 +351,23 @@ static int offload_key(struct parse_ctx *p, const char *name, const char *v)
 	return fail(p, "unknown key '%s' in [offload]", name);
 }
 
+static int metrics_key(struct parse_ctx *p, const char *name, const char *v)
+{
+	struct config *c = p->cfg;
+
+	if (!strcmp(name, "listen")) {
+		if (!seen_once(p, &p->metrics_seen, 1, name))
+			return 0;
+		if (config_parse_addr(v, &c->metrics_listen))
+			return fail(p, "listen: expected IPV4:PORT or [IPV6]:PORT, got '%s'", v);
+		config_format_addr((struct sockaddr *)&c->metrics_listen.ss, c->metrics_str,
+				   sizeof(c->metrics_str));
+		c->has_metrics = true;
+		return 1;
+	}
+	return fail(p, "unknown key '%s' in [metrics]", name);
+}
+
 static int listener_key(struct parse_ctx *p, struct listener_conf *l, const char *name,
 			const char *v)
 {
@@ -503,6 +520,8 @@ static int handler(void *user, const char *section, const char *name, const char
 		return tls_key(p, name, value);
 	if (!strcmp(section, "offload"))
 		return offload_key(p, name, value);
+	if (!strcmp(section, "metrics"))
+		return metrics_key(p, name, value);
 	if (p->cur_listener)
 		return listener_key(p, p->cur_listener, name, value);
 	if (!*section)
@@ -532,7 +551,8 @@ static int scan_sections(struct parse_ctx *p)
 			continue; /* libinih already reported it */
 		*e = '\0';
 		s++;
-		if (!strcmp(s, "global") || !strcmp(s, "tls") || !strcmp(s, "offload")) {
+		if (!strcmp(s, "global") || !strcmp(s, "tls") || !strcmp(s, "offload") ||
+		    !strcmp(s, "metrics")) {
 			if (!strcmp(s, "tls") && !p->cfg->tls_line)
 				p->cfg->tls_line = lineno;
 			continue;

@@ -84,6 +84,11 @@ struct config {
 	/* [offload] */
 	enum offload_request offload;
 
+	/* [metrics] */
+	bool has_metrics;
+	struct sockaddr_any metrics_listen;
+	char metrics_str[80];
+
 	struct listener_conf listeners[CONFIG_MAX_LISTENERS];
 	unsigned nlisteners;
 };

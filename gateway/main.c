@@ -17,6 +17,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <poll.h>
+#include <sys/signalfd.h>
 #include <netinet/in.h>
 #include <openssl/ssl.h>
 #include <signal.h>
@@ -31,6 +33,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "metrics.h"
 #include "stats.h"
 #include "tls.h"
 #include "util.h"
@@ -54,6 +57,7 @@ struct generation {
 };
 
 static struct child children[MAX_CHILDREN];
+static int master_sigfd = -1;
 static uint64_t respawn_at[CONFIG_MAX_WORKERS];
 
 static void usage(FILE *out)
@@ -190,7 +194,9 @@ static pid_t spawn(struct generation *g, unsigned idx)
 		}
 		return pid;
 	}
-	/* Child: keep only this worker's sockets. */
+	/* Child: keep only this worker's sockets, none of the master's. */
+	close(master_sigfd);
+	metrics_forget_in_child();
 	for (i = 0; i < n; i++) {
 		for (w = 0; w < nw; w++) {
 			int fd = g->socks[i * nw + w];
@@ -313,6 +319,16 @@ static void reload(const char *path, struct generation *cur, unsigned *next_gen)
 	assign_slots(g.cfg);
 	log_set_level(g.cfg->log_level);
 	raise_nofile(g.cfg);
+	if (g.cfg->has_metrics != cur->cfg->has_metrics ||
+	    (g.cfg->has_metrics && strcmp(g.cfg->metrics_str, cur->cfg->metrics_str))) {
+		metrics_stop();
+		if (g.cfg->has_metrics) {
+			if (metrics_start(&g.cfg->metrics_listen, err, sizeof(err)) < 0)
+				log_error("[metrics] listen %s: %s", g.cfg->metrics_str, err);
+			else
+				log_info("metrics on http://%s/metrics", g.cfg->metrics_str);
+		}
+	}
 	/* Old sockets nobody reuses: the old workers hold their own copies. */
 	free_generation(cur);
 	*cur = g;
@@ -441,17 +457,36 @@ int main(int argc, char **argv)
 			 l->proxy == PROXY_V1 ? " with PROXY v1" :
 			 l->proxy == PROXY_V2 ? " with PROXY v2" : "");
 	}
+	if (cur.cfg->has_metrics) {
+		if (metrics_start(&cur.cfg->metrics_listen, err, sizeof(err)) < 0) {
+			fprintf(stderr, "%s: [metrics] listen %s: %s\n", path, cur.cfg->metrics_str, err);
+			return 1;
+		}
+		log_info("metrics on http://%s/metrics", cur.cfg->metrics_str);
+	}
 	log_info("mailgw starting: %u workers, %u certificate contexts, %s", cur.cfg->workers,
 		 tls_count(cur.tls), OpenSSL_version(OPENSSL_VERSION));
 	for (w = 0; w < cur.cfg->workers; w++)
 		if (spawn(&cur, w) < 0)
 			return 1;
 
+	master_sigfd = signalfd(-1, &ss, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (master_sigfd < 0) {
+		fprintf(stderr, "signalfd: %s\n", strerror(errno));
+		return 1;
+	}
 	for (;;) {
-		struct timespec ts = { 0, 200 * 1000 * 1000 };
-		siginfo_t si;
-		int sig = sigtimedwait(&ss, &si, &ts);
-		uint64_t now = now_ms();
+		struct pollfd pfd[2] = { { master_sigfd, POLLIN, 0 }, { metrics_fd(), POLLIN, 0 } };
+		struct signalfd_siginfo si;
+		int sig = -1;
+		uint64_t now;
+
+		/* Signals and scrapes; a 200 ms tick for respawns and deadlines. */
+		if (poll(pfd, pfd[1].fd >= 0 ? 2 : 1, 200) > 0 && (pfd[1].revents & POLLIN))
+			metrics_run();
+		if (read(master_sigfd, &si, sizeof(si)) == sizeof(si))
+			sig = (int)si.ssi_signo;
+		now = now_ms();
 
 		if (sig == SIGCHLD)
 			reap(&cur, stopping);
@@ -466,6 +501,7 @@ int main(int argc, char **argv)
 			log_info("stopping: sessions have %u ms to finish",
 				 cur.cfg->shutdown_grace_ms);
 			close_sockets(&cur);
+			metrics_set_draining(true);
 			for (gen = 1; gen < next_gen; gen++)
 				signal_generation(gen, SIGTERM);
 		}
@@ -476,6 +512,7 @@ int main(int argc, char **argv)
 			if (count_children() == 0) {
 				log_stats();
 				log_info("stopped");
+				metrics_stop();
 				free_generation(&cur);
 				return 0;
 			}

@@ -228,6 +228,19 @@ static bool can_read(struct session *s, const struct side *d)
 	return d->rd_block == 0;
 }
 
+/* Relayed bytes, counted as they move so long sessions show up at once. */
+static void account(struct session *s, uint64_t *count, size_t n)
+{
+	*count += n;
+	if (count == &s->c2b) {
+		stats_add(STAT_bytes_client_to_backend, (int64_t)n);
+		stats_ladd(s->lc->slot, LS_bytes_client_to_backend, (int64_t)n);
+	} else if (count == &s->b2c) {
+		stats_add(STAT_bytes_backend_to_client, (int64_t)n);
+		stats_ladd(s->lc->slot, LS_bytes_backend_to_client, (int64_t)n);
+	}
+}
+
 /*
  * Flush buffer b to side d. Returns 1 on progress, 0 if nothing moved,
  * -1 on a fatal error (session must close).
@@ -248,7 +261,7 @@ static int flush(struct session *s, struct side *d, struct buf *b, uint64_t *cou
 		}
 		buf_consume(b, (size_t)r);
 		if (count)
-			*count += (uint64_t)r;
+			account(s, count, (size_t)r);
 		progress = 1;
 	}
 	return progress;
@@ -549,8 +562,8 @@ static int step_pretls(struct session *s)
 			log_sess(LOG_WARN, s, "%zu bytes pipelined after STARTTLS: rejected",
 				 buf_len(&s->cin));
 			stats_inc(STAT_starttls_injection);
+			/* The 220 went out and was counted as ok: count the injection only. */
 			stats_linc(s->lc->slot, LS_starttls_injection);
-			stats_linc(s->lc->slot, LS_starttls_rejected);
 			buf_reset(&s->cin);
 			fail_with(s, PE_INJECTION, "starttls injection");
 			return 1;
@@ -604,6 +617,7 @@ static int step_pretls(struct session *s)
 				 buf_len(&s->cin) - adv);
 			stats_inc(STAT_starttls_injection);
 			stats_linc(s->lc->slot, LS_starttls_injection);
+			stats_linc(s->lc->slot, LS_starttls_rejected);
 			buf_reset(&s->cin);
 			fail_with(s, PE_INJECTION, "starttls injection");
 			return 1;
@@ -853,7 +867,7 @@ static int splice_dir(struct session *s, bool c2b)
 			}
 			if (n > 0) {
 				*inpipe -= (size_t)n;
-				*count += (uint64_t)n;
+				account(s, count, (size_t)n);
 				moved = true;
 			} else if (n == -EAGAIN) {
 				dst->wr_block = c2b ? EPOLLOUT : want_event(s->oc.want);
@@ -1208,12 +1222,8 @@ static void sess_close(struct session *s)
 		 s->close_reason ? s->close_reason : "done", state_names[s->state],
 		 (unsigned long long)(now_ms() - s->started), (unsigned long long)s->c2b,
 		 (unsigned long long)s->b2c);
-	stats_add(STAT_bytes_client_to_backend, (int64_t)s->c2b);
-	stats_add(STAT_bytes_backend_to_client, (int64_t)s->b2c);
 	stats_add(STAT_sessions_active, -1);
 	stats_ladd(s->lc->slot, LS_active, -1);
-	stats_ladd(s->lc->slot, LS_bytes_client_to_backend, (int64_t)s->c2b);
-	stats_ladd(s->lc->slot, LS_bytes_backend_to_client, (int64_t)s->b2c);
 	if (s->oc.keyupdate)
 		stats_inc(STAT_ktls_keyupdate);
 

@@ -3,10 +3,11 @@
 # Idempotent and quiet when everything is already there.
 set -eu
 
-PKGS="gcc make pkg-config libc6-dev libssl-dev openssl libinih-dev
+PKGS="gcc make pkg-config libc6-dev libssl-dev openssl libinih-dev libmicrohttpd-dev
 clang llvm libclang-rt-14-dev
 postfix dovecot-core dovecot-imapd dovecot-pop3d
-swaks curl python3 procps iproute2 ca-certificates"
+swaks curl python3 procps iproute2 ca-certificates strace
+prometheus"
 
 missing=""
 for p in $PKGS; do
