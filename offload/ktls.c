@@ -344,14 +344,17 @@ static int kt_attach(struct offload_conn *c)
 		secret_wipe(c->ssl);
 		return -ENOTSUP;
 	}
+	/* Before anything is installed: a failure here leaves OpenSSL in charge. */
+	p = calloc(1, sizeof(*p));
+	if (!p) {
+		secret_wipe(c->ssl);
+		return -ENOMEM;
+	}
 	c->err[0] = '\0';
 	if (!rx && SSL_version(c->ssl) == TLS1_3_VERSION)
 		rx = install_rx_tls13(c) == 0;
 	secret_wipe(c->ssl);
 	/* c->err keeps why RX stayed in userspace, if it did. */
-	p = calloc(1, sizeof(*p));
-	if (!p)
-		return -ENOMEM; /* nothing installed that userspace cannot carry */
 	c->priv = p;
 	c->tx_kernel = true;
 	c->rx_kernel = rx;
