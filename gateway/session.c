@@ -677,7 +677,7 @@ static void count_offload(struct session *s)
 	if (!cause)
 		cause = "unknown";
 	for (i = 0; i < nseen; i++) {
-		if (!strncmp(seen[i], cause, 24)) {
+		if (!strcmp(seen[i], cause)) {
 			log_sess(LOG_DEBUG, s, "kernel TLS fallback: %s", cause);
 			return;
 		}
@@ -1213,9 +1213,13 @@ static void sess_close(struct session *s)
 {
 	struct worker *w = s->w;
 
-	if (s->tls && s->oc.ops && !s->c.shut && !s->c.eof) {
-		/* close_notify, best effort: the socket is about to go. */
+	if (s->tls && s->oc.ops && !s->c.shut) {
+		/*
+		 * close_notify, best effort: the socket is about to go. Also in
+		 * answer to the client's own (RFC 8446 §6.1, RFC 5246 §7.2.1).
+		 */
 		s->oc.ops->shutdown(&s->oc);
+		s->c.shut = true;
 	}
 	log_sess(LOG_INFO, s, "close (%s) state=%s duration_ms=%llu client_to_backend=%llu "
 		 "backend_to_client=%llu",
