@@ -47,6 +47,7 @@ struct child {
 	unsigned idx;
 	unsigned gen;
 	uint64_t started;
+	unsigned row; /* its counter row (stats.h) */
 };
 
 struct generation {
@@ -57,6 +58,25 @@ struct generation {
 };
 
 static struct child children[MAX_CHILDREN];
+static bool row_used[STATS_MAX_WORKERS];
+
+/*
+ * Each live worker process gets a counter row of its own, so that the
+ * open-session gauges of a worker that dies can be cleared without touching
+ * another's. Rows are reused; their counters only ever grow.
+ */
+static unsigned take_row(unsigned idx)
+{
+	unsigned r;
+
+	for (r = 0; r < STATS_MAX_WORKERS; r++) {
+		if (!row_used[r]) {
+			row_used[r] = true;
+			return r;
+		}
+	}
+	return idx; /* all taken: share (gauges may then lag after a crash) */
+}
 static int master_sigfd = -1;
 static uint64_t respawn_at[CONFIG_MAX_WORKERS];
 
@@ -177,23 +197,26 @@ static void close_sockets(struct generation *g)
 
 static pid_t spawn(struct generation *g, unsigned idx)
 {
+	unsigned row = take_row(idx);
 	pid_t pid = fork();
 	unsigned i, w, n = g->cfg->nlisteners, nw = g->cfg->workers;
 	int fds[CONFIG_MAX_LISTENERS];
 
 	if (pid < 0) {
 		log_error("fork: %s", strerror(errno));
+		row_used[row] = false;
 		return -1;
 	}
 	if (pid > 0) {
 		for (i = 0; i < MAX_CHILDREN; i++) {
 			if (children[i].pid == 0) {
-				children[i] = (struct child){ pid, idx, g->gen, now_ms() };
+				children[i] = (struct child){ pid, idx, g->gen, now_ms(), row };
 				break;
 			}
 		}
 		return pid;
 	}
+	stats_select_row(row);
 	/* Child: keep only this worker's sockets, none of the master's. */
 	close(master_sigfd);
 	metrics_forget_in_child();
@@ -365,6 +388,9 @@ static void reap(struct generation *cur, bool stopping)
 				log_debug("worker %u (pid %d) of generation %u exited", ch->idx,
 					  pid, ch->gen);
 			}
+			/* Sessions of a worker that died are gone with it. */
+			stats_clear_gauges(ch->row);
+			row_used[ch->row] = false;
 			ch->pid = 0;
 			break;
 		}

@@ -714,6 +714,13 @@ static int step_handshake(struct session *s)
 		s->c.rd_block = want;
 		return 0;
 	}
+	if (r < 0 && BIO_number_read(SSL_get_rbio(s->ssl)) == 0) {
+		/* Port probes (load balancers, scanners) are not failed handshakes. */
+		log_sess(LOG_INFO, s, "closed before the TLS handshake began: %s", why);
+		s->close_reason = "no handshake";
+		sess_close(s);
+		return -1;
+	}
 	if (r < 0) {
 		log_sess(LOG_INFO, s, "TLS handshake failed: %s", why);
 		stats_inc(STAT_tls_handshake_fail);

@@ -56,6 +56,17 @@ void stats_select_row(unsigned idx)
 	}
 }
 
+void stats_clear_gauges(unsigned idx)
+{
+	int l;
+
+	if (!shm || idx >= STATS_MAX_WORKERS)
+		return;
+	__atomic_store_n(&shm->rows[idx].v[STAT_sessions_active], 0, __ATOMIC_RELAXED);
+	for (l = 0; l < STATS_MAX_LISTENERS; l++)
+		__atomic_store_n(&shm->lrows[idx][l].v[LS_active], 0, __ATOMIC_RELAXED);
+}
+
 int stats_listener_slot(const char *name, const char *protocol)
 {
 	int i, free_slot = -1;
@@ -63,8 +74,11 @@ int stats_listener_slot(const char *name, const char *protocol)
 	if (!shm)
 		return -1;
 	for (i = 0; i < STATS_MAX_LISTENERS; i++) {
-		if (!strcmp(shm->lname[i], name))
+		if (!strcmp(shm->lname[i], name)) {
+			/* A reload may change a listener's protocol; the label follows. */
+			snprintf(shm->lproto[i], sizeof(shm->lproto[0]), "%s", protocol);
 			return i;
+		}
 		if (free_slot < 0 && !shm->lname[i][0])
 			free_slot = i;
 	}

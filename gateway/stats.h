@@ -49,7 +49,8 @@ enum stat_id {
 	STAT_COUNT
 };
 
-#define STATS_MAX_WORKERS 128
+/* Rows, one per live worker process: a reload briefly runs two generations. */
+#define STATS_MAX_WORKERS 256
 #define STATS_MAX_LISTENERS 64
 #define STATS_NAME_MAX 64
 
@@ -98,6 +99,8 @@ struct stats_lrow {
 
 int stats_init(void);                 /* master: map the shared rows */
 void stats_select_row(unsigned idx);  /* worker: which row is ours */
+/* Master, when a worker is gone: its open-session gauges no longer hold. */
+void stats_clear_gauges(unsigned idx);
 void stats_add(enum stat_id id, int64_t delta);
 static inline void stats_inc(enum stat_id id) { stats_add(id, 1); }
 uint64_t stats_sum(enum stat_id id);

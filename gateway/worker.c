@@ -169,7 +169,6 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 
 	snprintf(tag, sizeof(tag), "w%u", idx);
 	log_set_proc(tag);
-	stats_select_row(idx);
 	prctl(PR_SET_PDEATHSIG, SIGTERM);
 	if (getppid() == 1)
 		_exit(0); /* the master died before we got here */
