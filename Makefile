@@ -21,7 +21,7 @@ CFLAGS   += -std=gnu11 $(WARN) -Igateway -Ioffload
 LDLIBS   := -lssl -lcrypto -linih -lmicrohttpd
 SANFLAGS := -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
-GATEWAY_SRC := gateway/main.c gateway/config.c gateway/log.c gateway/worker.c \
+GATEWAY_SRC := gateway/main.c gateway/config.c gateway/log.c gateway/worker.c gateway/classify.c \
 	       gateway/session.c gateway/tls.c gateway/stats.c gateway/buf.c gateway/metrics.c \
 	       gateway/proto.c gateway/smtp.c gateway/imap.c gateway/pop3.c gateway/proxy.c
 OFFLOAD_SRC := offload/offload.c offload/userspace.c offload/ktls.c offload/keys.c \
@@ -38,17 +38,22 @@ FUZZERS    := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard tests/fuzz/fu
 
 .PHONY: all deps asan fuzz unit test run clean check-config vm-test
 
-all: $(BUILD)/mailgw
+all: $(BUILD)/mailgw $(BUILD)/bpf/bpfctl
 
-$(BUILD)/mailgw: $(SRC) $(HDR) Makefile
+# The eBPF classifier (programs, skeleton, loader, bpfctl).
+include bpf/bpf.mk
+
+$(BUILD)/mailgw: $(SRC) $(HDR) Makefile $(BPF_LIB_SRC) $(BPF_HDR) $(BPF_SKEL)
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS) $(HARDEN) -o $@ $(SRC) -pie -Wl,-z,relro,-z,now $(LDLIBS)
+	$(CC) $(CFLAGS) $(BPF_CFLAGS) $(HARDEN) -o $@ $(SRC) $(BPF_LIB_SRC) -pie -Wl,-z,relro,-z,now \
+		$(LDLIBS) $(BPF_LDLIBS)
 
 asan: $(BUILD)/asan/mailgw
 
-$(BUILD)/asan/mailgw: $(SRC) $(HDR) Makefile
+$(BUILD)/asan/mailgw: $(SRC) $(HDR) Makefile $(BPF_LIB_SRC) $(BPF_HDR) $(BPF_SKEL)
 	@mkdir -p $(@D)
-	$(CC) -std=gnu11 $(WARN) -Igateway -Ioffload $(SANFLAGS) -o $@ $(SRC) $(LDLIBS)
+	$(CC) -std=gnu11 $(WARN) -Igateway -Ioffload $(BPF_CFLAGS) $(SANFLAGS) -o $@ $(SRC) \
+		$(BPF_LIB_SRC) $(LDLIBS) $(BPF_LDLIBS)
 
 unit: $(UNIT_TESTS) $(UNIT_TESTS:%=%-asan)
 

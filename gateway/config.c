@@ -53,7 +53,7 @@ struct parse_ctx {
 	char err[256];
 	char cur_section[128];
 	struct listener_conf *cur_listener;
-	unsigned global_seen, tls_seen, offload_seen, metrics_seen;
+	unsigned global_seen, tls_seen, offload_seen, metrics_seen, bpf_seen;
 	bool in_known_section;
 };
 
@@ -351,6 +351,71 @@ static int offload_key(struct parse_ctx *p, const char *name, const char *v)
 	return fail(p, "unknown key '%s' in [offload]", name);
 }
 
+static const char *const bpf_kinds[] = { "smtp", "imap", "pop3", "smtps", "imaps", "pop3s" };
+
+static int bpf_key(struct parse_ctx *p, const char *name, const char *v)
+{
+	struct config *c = p->cfg;
+	char buf[1024], *tok, *save = NULL;
+
+	if (!strcmp(name, "enable")) {
+		if (!seen_once(p, &p->bpf_seen, 1, name))
+			return 0;
+		if (!strcmp(v, "auto"))
+			c->bpf_enable = BPF_AUTO;
+		else if (!strcmp(v, "on"))
+			c->bpf_enable = BPF_ON;
+		else if (!strcmp(v, "off"))
+			c->bpf_enable = BPF_OFF;
+		else
+			return fail(p, "enable: expected auto, on or off");
+	} else if (!strcmp(name, "interfaces")) {
+		if (!seen_once(p, &p->bpf_seen, 2, name))
+			return 0;
+		snprintf(buf, sizeof(buf), "%s", v);
+		for (tok = strtok_r(buf, " ,\t", &save); tok; tok = strtok_r(NULL, " ,\t", &save)) {
+			if (c->bpf_nifaces >= ARRAY_SIZE(c->bpf_ifaces))
+				return fail(p, "interfaces: at most %zu", ARRAY_SIZE(c->bpf_ifaces));
+			if (strlen(tok) >= 16)
+				return fail(p, "interfaces: '%s' is not an interface name", tok);
+			strlcpy0(c->bpf_ifaces[c->bpf_nifaces++], tok, sizeof(c->bpf_ifaces[0]));
+		}
+	} else if (!strcmp(name, "pin_path")) {
+		if (!seen_once(p, &p->bpf_seen, 4, name))
+			return 0;
+		if (v[0] != '/' || strlen(v) >= sizeof(c->bpf_pin_path))
+			return fail(p, "pin_path: expected an absolute path under a bpffs mount");
+		strlcpy0(c->bpf_pin_path, v, sizeof(c->bpf_pin_path));
+	} else if (!strcmp(name, "ports")) {
+		if (!seen_once(p, &p->bpf_seen, 8, name))
+			return 0;
+		snprintf(buf, sizeof(buf), "%s", v);
+		for (tok = strtok_r(buf, " ,\t", &save); tok; tok = strtok_r(NULL, " ,\t", &save)) {
+			char *slash = strchr(tok, '/');
+			unsigned port, k;
+			if (!slash)
+				return fail(p, "ports: expected PORT/KIND, got '%s'", tok);
+			*slash = '\0';
+			if (parse_uint(tok, 1, 65535, &port))
+				return fail(p, "ports: bad port '%s'", tok);
+			for (k = 0; k < ARRAY_SIZE(bpf_kinds) && strcmp(slash + 1, bpf_kinds[k]); k++)
+				;
+			if (k == ARRAY_SIZE(bpf_kinds))
+				return fail(p, "ports: kind must be smtp, imap, pop3, smtps, imaps or pop3s, got '%s'",
+					    slash + 1);
+			if (c->bpf_nports >= ARRAY_SIZE(c->bpf_ports))
+				return fail(p, "ports: at most %zu", ARRAY_SIZE(c->bpf_ports));
+			c->bpf_ports[c->bpf_nports].port = port;
+			strlcpy0(c->bpf_ports[c->bpf_nports].kind, bpf_kinds[k],
+				 sizeof(c->bpf_ports[0].kind));
+			c->bpf_nports++;
+		}
+	} else {
+		return fail(p, "unknown key '%s' in [bpf]", name);
+	}
+	return 1;
+}
+
 static int metrics_key(struct parse_ctx *p, const char *name, const char *v)
 {
 	struct config *c = p->cfg;
@@ -522,6 +587,8 @@ static int handler(void *user, const char *section, const char *name, const char
 		return offload_key(p, name, value);
 	if (!strcmp(section, "metrics"))
 		return metrics_key(p, name, value);
+	if (!strcmp(section, "bpf"))
+		return bpf_key(p, name, value);
 	if (p->cur_listener)
 		return listener_key(p, p->cur_listener, name, value);
 	if (!*section)
@@ -552,9 +619,11 @@ static int scan_sections(struct parse_ctx *p)
 		*e = '\0';
 		s++;
 		if (!strcmp(s, "global") || !strcmp(s, "tls") || !strcmp(s, "offload") ||
-		    !strcmp(s, "metrics")) {
+		    !strcmp(s, "metrics") || !strcmp(s, "bpf")) {
 			if (!strcmp(s, "tls") && !p->cfg->tls_line)
 				p->cfg->tls_line = lineno;
+			if (!strcmp(s, "bpf") && !p->cfg->bpf_line)
+				p->cfg->bpf_line = lineno;
 			continue;
 		}
 		if (!strncmp(s, "listener", 8) && (s[8] == ' ' || s[8] == '\0')) {
@@ -646,6 +715,8 @@ int config_load(const char *path, struct config **out, char *err, size_t errlen)
 	c->min_version = TLS1_2_VERSION;
 	c->session_tickets = true;
 	c->offload = OFFLOAD_REQ_AUTO;
+	c->bpf_enable = BPF_AUTO;
+	strlcpy0(c->bpf_pin_path, "/sys/fs/bpf/mailgw", sizeof(c->bpf_pin_path));
 
 	p.cfg = c;
 	p.fp = fopen(path, "r");
@@ -669,9 +740,14 @@ int config_load(const char *path, struct config **out, char *err, size_t errlen)
 		p.line = c->certs[c->ncerts - 1].cert_line;
 		fail(&p, "certificate: missing its private_key");
 	}
-	if (!p.failed && c->nlisteners == 0) {
+	if (!p.failed && c->bpf_enable == BPF_ON && c->bpf_nifaces == 0) {
+		p.line = c->bpf_line;
+		fail(&p, "[bpf] enable = on needs interfaces");
+	}
+	/* Monitor mode: no listener, the eBPF classifier only. */
+	if (!p.failed && c->nlisteners == 0 && !(c->bpf_enable != BPF_OFF && c->bpf_nifaces)) {
 		p.line = 0;
-		fail(&p, "no [listener NAME] section");
+		fail(&p, "no [listener NAME] section (and no [bpf] interfaces for monitor mode)");
 	}
 	for (i = 0; !p.failed && i < c->nlisteners; i++) {
 		if (finish_listener(&p, &c->listeners[i]))
@@ -686,6 +762,8 @@ int config_load(const char *path, struct config **out, char *err, size_t errlen)
 			}
 		}
 	}
+	if (!p.failed && c->nlisteners == 0)
+		c->workers = 0; /* monitor mode: nothing to accept */
 	if (p.failed) {
 		snprintf(err, errlen, "%s:%d: %s", path, p.err_line, p.err);
 		config_free(c);

@@ -84,6 +84,18 @@ struct config {
 	/* [offload] */
 	enum offload_request offload;
 
+	/* [bpf] */
+	enum { BPF_AUTO, BPF_ON, BPF_OFF } bpf_enable;
+	char bpf_ifaces[8][32];
+	unsigned bpf_nifaces;
+	char bpf_pin_path[256];
+	struct {
+		unsigned port;
+		char kind[8];
+	} bpf_ports[64];
+	unsigned bpf_nports;
+	int bpf_line; /* of the [bpf] header, for errors about the section */
+
 	/* [metrics] */
 	bool has_metrics;
 	struct sockaddr_any metrics_listen;

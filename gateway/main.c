@@ -31,6 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "classify.h"
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
@@ -132,8 +133,8 @@ static int open_sockets(struct generation *g, struct generation *old, char *err,
 	unsigned i, j, w, total = c->nlisteners * c->workers;
 	int *from; /* old slot a socket was taken from, or -1 */
 
-	g->socks = malloc(sizeof(int) * total);
-	from = malloc(sizeof(int) * total);
+	g->socks = malloc(sizeof(int) * (total ? total : 1));
+	from = malloc(sizeof(int) * (total ? total : 1));
 	if (!g->socks || !from) {
 		free(g->socks);
 		free(from);
@@ -310,6 +311,8 @@ static void nic_report(const char *ifname, const char *feature, bool available, 
 	if (!available)
 		return;
 	nic_tls_capable++;
+	if (active && !strcmp(feature, "tls-hw-tx-offload"))
+		classify_set_nic_offload(true);
 	log_info("NIC %s: %s %s", ifname, feature, active ? "on" : "available but off");
 }
 
@@ -342,6 +345,11 @@ static void reload(const char *path, struct generation *cur, unsigned *next_gen)
 	assign_slots(g.cfg);
 	log_set_level(g.cfg->log_level);
 	raise_nofile(g.cfg);
+	if (classify_changed(cur->cfg, g.cfg)) {
+		classify_stop();
+		if (classify_start(g.cfg, err, sizeof(err)) < 0)
+			log_error("%s", err);
+	}
 	if (g.cfg->has_metrics != cur->cfg->has_metrics ||
 	    (g.cfg->has_metrics && strcmp(g.cfg->metrics_str, cur->cfg->metrics_str))) {
 		metrics_stop();
@@ -470,10 +478,16 @@ int main(int argc, char **argv)
 	}
 	else if (cur.cfg->offload != OFFLOAD_REQ_USERSPACE)
 		log_warn("kernel TLS not available (no tls module): record crypto stays in userspace");
+	if (classify_start(cur.cfg, err, sizeof(err)) < 0) {
+		fprintf(stderr, "%s:%d: %s\n", path, cur.cfg->bpf_line, err);
+		return 1;
+	}
 	if (open_sockets(&cur, NULL, err, sizeof(err)) < 0) {
 		fprintf(stderr, "%s: %s\n", path, err);
 		return 1;
 	}
+	if (cur.cfg->nlisteners == 0)
+		log_info("monitor mode: no listeners, the eBPF classifier only");
 	cur.gen = next_gen++;
 	for (unsigned i = 0; i < cur.cfg->nlisteners; i++) {
 		const struct listener_conf *l = &cur.cfg->listeners[i];
@@ -539,6 +553,7 @@ int main(int argc, char **argv)
 				log_stats();
 				log_info("stopped");
 				metrics_stop();
+				classify_stop();
 				free_generation(&cur);
 				return 0;
 			}

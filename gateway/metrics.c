@@ -19,6 +19,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "bpfmap.h"
+#include "classify.h"
 #include "log.h"
 #include "stats.h"
 
@@ -95,6 +97,73 @@ static void labelled(struct out *o, const char *name, const char *label, const l
 		for (size_t k = 0; k < n; k++)
 			put(o, "%s{listener=\"%s\",%s=\"%s\"} %llu\n", name, stats_listener_name(i),
 			    label, tab[k].value, (unsigned long long)stats_lsum(i, tab[k].id));
+}
+
+/* eBPF classifier counters, read from its pinned per-CPU maps. */
+struct bpf_sample {
+	char family[24];
+	unsigned port;
+	char label[48];
+	unsigned long long value;
+};
+
+struct bpf_collect {
+	struct bpf_sample *v;
+	size_t n, cap;
+};
+
+static void bpf_cb(void *arg, const char *family, unsigned port, const char *label,
+		   unsigned long long value)
+{
+	struct bpf_collect *c = arg;
+
+	if (c->n == c->cap) {
+		size_t ncap = c->cap ? c->cap * 2 : 256;
+		struct bpf_sample *nv = realloc(c->v, ncap * sizeof(*nv));
+		if (!nv)
+			return;
+		c->v = nv;
+		c->cap = ncap;
+	}
+	snprintf(c->v[c->n].family, sizeof(c->v[0].family), "%s", family);
+	snprintf(c->v[c->n].label, sizeof(c->v[0].label), "%s", label);
+	c->v[c->n].port = port;
+	c->v[c->n].value = value;
+	c->n++;
+}
+
+static void render_bpf(struct out *o, const char *pin)
+{
+	static const struct {
+		const char *family, *metric, *label, *help;
+	} fams[] = {
+		{ "packets", "mailgw_bpf_packets_total", "class",
+		  "Packets on the mail ports seen by the eBPF classifier, by class (tls, plaintext)." },
+		{ "bytes", "mailgw_bpf_bytes_total", "class",
+		  "Bytes (L3 length) on the mail ports, by class." },
+		{ "flows", "mailgw_bpf_flows_total", "kind",
+		  "Flows on the mail ports, by kind, counted once per flow." },
+		{ "violations", "mailgw_bpf_violations_total", "reason",
+		  "Flows with plaintext where TLS was due, once per flow and reason." },
+		{ "violation_bytes", "mailgw_bpf_violation_bytes_total", "reason",
+		  "Payload bytes of those violations." },
+		{ "untracked", "mailgw_bpf_untracked_total", "direction",
+		  "Packets on mail ports of flows the classifier could not follow." },
+	};
+	struct bpf_collect c = { 0 };
+
+	if (bpfmap_read_counters(pin, bpf_cb, &c) < 0) {
+		free(c.v);
+		return;
+	}
+	for (size_t f = 0; f < sizeof(fams) / sizeof(fams[0]); f++) {
+		family(o, fams[f].metric, "counter", fams[f].help);
+		for (size_t k = 0; k < c.n; k++)
+			if (!strcmp(c.v[k].family, fams[f].family))
+				put(o, "%s{port=\"%u\",%s=\"%s\"} %llu\n", fams[f].metric, c.v[k].port,
+				    fams[f].label, c.v[k].label, c.v[k].value);
+	}
+	free(c.v);
 }
 
 char *metrics_render(size_t *len)
@@ -209,6 +278,9 @@ char *metrics_render(size_t *len)
 	       "Sessions relayed to the backend without TLS (require_tls off).");
 	put(&o, "mailgw_plaintext_relays_total %llu\n",
 	    (unsigned long long)stats_sum(STAT_plaintext_relay));
+
+	if (classify_pin_path())
+		render_bpf(&o, classify_pin_path());
 
 	if (o.oom) {
 		free(o.p);

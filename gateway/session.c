@@ -41,6 +41,7 @@
 
 #include "../offload/offload.h"
 #include "buf.h"
+#include "classify.h"
 #include "config.h"
 #include "log.h"
 #include "proto.h"
@@ -522,6 +523,7 @@ static int step_backend_reply(struct session *s)
 static void start_handshake(struct session *s)
 {
 	s->ssl = tls_new(s->w->tls, s->c.fd, s->w->cfg->offload);
+	classify_mark_session((struct sockaddr *)&s->local.ss, (struct sockaddr *)&s->peer.ss);
 	if (!s->ssl) {
 		log_sess(LOG_ERROR, s, "cannot create TLS session");
 		s->close_reason = "tls setup";
