@@ -1,0 +1,201 @@
+#!/usr/bin/python3
+"""The eBPF classifier as mailgw runs it: loaded, attached and detached by
+the gateway itself from [bpf], its counters exported on /metrics. Real
+sessions through the gateway on lo: a clean STARTTLS upgrade, a command
+pipelined behind STARTTLS, plaintext on an implicit-TLS port; and monitor
+mode (no listeners) watching a mail server directly. The classifier's own
+packet-level cases (segmentation, retransmission, IPv6, veth) are in
+tests/bpf/."""
+
+import os
+import re
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+from mailtest import *  # noqa: E402,F401,F403
+
+SENDER = "sender@example.org"
+ALICE = "alice@example.test"
+
+
+def bpf_section(pin, ifaces="lo", ports=None):
+    text = "\n[bpf]\nenable = on\ninterfaces = %s\npin_path = %s\n" % (ifaces, pin)
+    if ports:
+        text += "ports = %s\n" % ports
+    return text
+
+
+def skip_reason():
+    if os.geteuid() != 0:
+        return "needs root (CAP_BPF, CAP_NET_ADMIN)"
+    if not os.path.isdir("/sys/fs/bpf") or not os.path.ismount("/sys/fs/bpf"):
+        return "bpffs is not mounted at /sys/fs/bpf"
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return "the kernel has no BTF"
+    return None
+
+
+def scrape(port):
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
+        return r.read().decode()
+
+
+def value(text, name, **labels):
+    want = ",".join('%s="%s"' % (k, v) for k, v in labels.items())
+    for line in text.splitlines():
+        m = re.match(r"^%s\{([^}]*)\} (\S+)$" % re.escape(name), line)
+        if m and all('%s="%s"' % kv in m.group(1) for kv in labels.items()):
+            return float(m.group(2))
+    raise AssertionError("no sample %s{%s} in /metrics" % (name, want))
+
+
+def wait_value(mport, name, want, timeout=5.0, **labels):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = value(scrape(mport), name, **labels)
+        if got >= want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def setup():
+    why = skip_reason()
+    if why:
+        raise Skip(why)
+    st = Stack("bpfgw").start(dovecot=False)
+    host = {"hostname": GATEWAY_NAME}
+    t = Ctx(st)
+    t.st = st
+    t.pin = "/sys/fs/bpf/mailgw-test-%d" % os.getpid()
+    t.mport = free_port()
+    t.gw = st.gateway([
+        listener("smtp", "smtp", "starttls", st.smtp_backend, require_tls="no", **host),
+        listener("smtps", "smtp", "implicit", st.smtp_backend, **host),
+    ], extra="\n[metrics]\nlisten = 127.0.0.1:%d\n" % t.mport + bpf_section(t.pin)).start()
+    line = t.gw.wait_log(r"eBPF classifier attached", 5)
+    if line is None:
+        raise AssertionError("gateway did not attach the classifier: %s"
+                             % t.gw.log()[-600:])
+    t.smtp_port = t.gw.addr("smtp")[1]
+    t.smtps_port = t.gw.addr("smtps")[1]
+    return t
+
+
+def attached_and_pinned(t):
+    check(os.path.isdir(t.pin), "no pin directory %s", t.pin)
+    text = scrape(t.mport)
+    for fam in ("mailgw_bpf_packets_total", "mailgw_bpf_flows_total",
+                "mailgw_bpf_violations_total", "mailgw_bpf_bytes_total"):
+        check("# TYPE %s counter" % fam in text, "/metrics lacks %s", fam)
+    p = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                       capture_output=True, timeout=30)
+    check(p.returncode == 0 and not p.stdout.strip() and not p.stderr.strip(),
+          "promtool check metrics: rc %d %s %s", p.returncode, p.stdout[-300:], p.stderr[-300:])
+
+
+def clean_starttls_no_violation(t):
+    port = t.smtp_port
+    before = scrape(t.mport)
+    up0 = value(before, "mailgw_bpf_flows_total", port=port, kind="starttls_upgraded")
+    v0 = value(before, "mailgw_bpf_violations_total", port=port,
+               reason="plaintext_after_starttls_to_server")
+    v1 = value(before, "mailgw_bpf_violations_total", port=port,
+               reason="plaintext_after_upgrade_to_client")
+    s = smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        s.starttls(context=tls_context(t.st.certs, verify=False))
+        s.sendmail(SENDER, [ALICE], make_message(unique("bpf"), b"hello\r\n"))
+    finally:
+        s.quit()
+    got = wait_value(t.mport, "mailgw_bpf_flows_total", up0 + 1, port=port,
+                     kind="starttls_upgraded")
+    check_eq(got, up0 + 1, "starttls_upgraded flows")
+    after = scrape(t.mport)
+    check_eq(value(after, "mailgw_bpf_violations_total", port=port,
+                   reason="plaintext_after_starttls_to_server"), v0, "client-side violations")
+    check_eq(value(after, "mailgw_bpf_violations_total", port=port,
+                   reason="plaintext_after_upgrade_to_client"), v1, "server-side violations")
+    check(value(after, "mailgw_bpf_bytes_total", port=port, **{"class": "tls"}) > 0,
+          "no TLS bytes classified")
+
+
+def injection_counted_once(t):
+    port = t.smtp_port
+    v0 = value(scrape(t.mport), "mailgw_bpf_violations_total", port=port,
+               reason="plaintext_after_starttls_to_server")
+    with Conn(("127.0.0.1", port)) as c:
+        c.line()
+        c.send(b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<x@example.org>\r\n")
+        c.read_until_close(5)
+    got = wait_value(t.mport, "mailgw_bpf_violations_total", v0 + 1, port=port,
+                     reason="plaintext_after_starttls_to_server")
+    check_eq(got, v0 + 1, "plaintext_after_starttls_to_server violations")
+
+
+def plaintext_on_implicit_counted(t):
+    port = t.smtps_port
+    v0 = value(scrape(t.mport), "mailgw_bpf_violations_total", port=port,
+               reason="plaintext_on_implicit_port")
+    with Conn(("127.0.0.1", port)) as c:
+        c.send(b"EHLO plaintext.example\r\n")
+        c.read_until_close(5)
+    got = wait_value(t.mport, "mailgw_bpf_violations_total", v0 + 1, port=port,
+                     reason="plaintext_on_implicit_port")
+    check_eq(got, v0 + 1, "plaintext_on_implicit_port violations")
+
+
+def monitor_mode(t):
+    """No listeners: mailgw only classifies, here Postfix's own port."""
+    pin = t.pin + "-mon"
+    mport = free_port()
+    pf_port = t.st.smtp_backend[1]
+    conf = os.path.join(t.st.dir, "monitor.conf")
+    with open(conf, "w") as f:
+        f.write("[global]\nlog_level = info\nshutdown_grace = 2\n"
+                "[metrics]\nlisten = 127.0.0.1:%d\n" % mport
+                + bpf_section(pin, ports="%d/smtp" % pf_port))
+    binary = os.environ.get("MAILGW", "build/mailgw")
+    rc = subprocess.run([binary, "-t", "-c", conf], capture_output=True, timeout=30)
+    check(rc.returncode == 0, "mailgw -t rejects a monitor-mode config: %s", rc.stderr[-300:])
+    log = open(os.path.join(t.st.dir, "monitor.log"), "wb")
+    p = subprocess.Popen([binary, "-c", conf], stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                text = scrape(mport)
+                break
+            except OSError:
+                check(p.poll() is None and time.monotonic() < deadline,
+                      "monitor-mode mailgw did not come up")
+                time.sleep(0.1)
+        f0 = value(text, "mailgw_bpf_flows_total", port=pf_port, kind="plaintext_only")
+        s = smtplib.SMTP("127.0.0.1", pf_port, timeout=TIMEOUT)
+        s.sendmail(SENDER, [ALICE], make_message(unique("mon"), b"watched\r\n"))
+        s.quit()
+        got = wait_value(mport, "mailgw_bpf_flows_total", f0 + 1, port=pf_port,
+                         kind="plaintext_only")
+        check_eq(got, f0 + 1, "plaintext_only flows on the watched port")
+    finally:
+        p.terminate()
+        rc = p.wait(15)
+        log.close()
+    check_eq(rc, 0, "monitor-mode exit status")
+    check(not os.path.exists(pin), "pins left behind at %s after exit", pin)
+
+
+CASES = [
+    ("bpf_gateway_attached_pinned_exported", attached_and_pinned),
+    ("bpf_gateway_clean_starttls_no_violation", clean_starttls_no_violation),
+    ("bpf_gateway_injection_counted_once", injection_counted_once),
+    ("bpf_gateway_plaintext_on_implicit_counted", plaintext_on_implicit_counted),
+    ("bpf_gateway_monitor_mode", monitor_mode),
+]
+
+if __name__ == "__main__":
+    run_cases(setup, CASES)
