@@ -69,14 +69,14 @@ def setup():
         raise Skip(why)
     st = Stack("bpfgw").start(dovecot=False)
     host = {"hostname": GATEWAY_NAME}
-    t = Ctx(st)
-    t.st = st
-    t.pin = "/sys/fs/bpf/mailgw-test-%d" % os.getpid()
-    t.mport = free_port()
-    t.gw = st.gateway([
+    pin = "/sys/fs/bpf/mailgw-test-%d" % os.getpid()
+    mport = free_port()
+    gw = st.gateway([
         listener("smtp", "smtp", "starttls", st.smtp_backend, require_tls="no", **host),
         listener("smtps", "smtp", "implicit", st.smtp_backend, **host),
-    ], extra="\n[metrics]\nlisten = 127.0.0.1:%d\n" % t.mport + bpf_section(t.pin)).start()
+    ], extra="\n[metrics]\nlisten = 127.0.0.1:%d\n" % mport + bpf_section(pin)).start()
+    t = Ctx(st, gw=gw)
+    t.st, t.pin, t.mport = st, pin, mport
     line = t.gw.wait_log(r"eBPF classifier attached", 5)
     if line is None:
         raise AssertionError("gateway did not attach the classifier: %s"
@@ -189,12 +189,19 @@ def monitor_mode(t):
     check(not os.path.exists(pin), "pins left behind at %s after exit", pin)
 
 
+def pins_removed_at_exit(t):
+    rc = t.gw.stop()
+    check_eq(rc, 0, "exit status after SIGTERM")
+    check(not os.path.exists(t.pin), "pins left behind at %s after exit", t.pin)
+
+
 CASES = [
     ("bpf_gateway_attached_pinned_exported", attached_and_pinned),
     ("bpf_gateway_clean_starttls_no_violation", clean_starttls_no_violation),
     ("bpf_gateway_injection_counted_once", injection_counted_once),
     ("bpf_gateway_plaintext_on_implicit_counted", plaintext_on_implicit_counted),
     ("bpf_gateway_monitor_mode", monitor_mode),
+    ("bpf_gateway_detaches_and_unpins_at_exit", pins_removed_at_exit),
 ]
 
 if __name__ == "__main__":
