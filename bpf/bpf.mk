@@ -22,9 +22,7 @@ BPF_CFLAGS  := -Ibpf -I$(BPF_OUT)
 BPF_LDLIBS  := -lbpf -lelf -lz
 
 # -mcpu=v3: atomic fetch-or for the once-per-flow bits (kernel >= 5.12).
-BPF_PROG_CFLAGS := -O2 -g -target bpf -mcpu=v3 -D__TARGET_ARCH_x86 \
-		   -Wall -Wextra -Werror -Wno-unused-function \
-		   -I$(BPF_OUT) -Ibpf
+BPF_PROG_CFLAGS := -O2 -g -target bpf -mcpu=v3 -Wall -Wextra -Werror -I$(BPF_OUT) -Ibpf
 
 .PHONY: bpf
 

@@ -24,6 +24,7 @@
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/syscall.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <bpf/bpf.h>
@@ -55,6 +56,7 @@ struct bpfmap_iface {
 struct bpfmap {
 	struct mailgw_bpf *skel;        /* NULL for bpfmap_open_pinned */
 	char pin[BPFMAP_PATH_MAX];
+	unsigned char reused[4];        /* pin_names[i] was there before us */
 	int ports_fd, flows_fd, offload_fd, stats_fd;
 	int own_fds;                    /* fds from bpf_obj_get, closed by us */
 	struct bpfmap_iface ifs[BPFMAP_MAX_IFACES];
@@ -176,6 +178,17 @@ static int check_btf(char *err, size_t errlen)
 	return -ENOENT;
 }
 
+/* bpf_loop() came with 5.17. */
+static int old_kernel(void)
+{
+	struct utsname u;
+	unsigned int major = 0, minor = 0;
+
+	if (uname(&u) || sscanf(u.release, "%u.%u", &major, &minor) != 2)
+		return 0;
+	return major < 5 || (major == 5 && minor < 17);
+}
+
 /* --- pins --------------------------------------------------------------- */
 
 static void pin_file(const struct bpfmap *m, const char *name, char *out, size_t outlen)
@@ -214,11 +227,15 @@ static void drop_stale_pin(const struct bpfmap *m, struct bpf_map *map, const ch
 		unlink(path);
 }
 
-static void unpin_all(const struct bpfmap *m)
+/* all: our own pins (close); else only those this open created (errors),
+ * so a failed open leaves an earlier owner's pins alone. */
+static void unpin_all(const struct bpfmap *m, int all)
 {
 	char path[BPFMAP_PATH_MAX + 32];
 
 	for (size_t i = 0; i < sizeof(pin_names) / sizeof(pin_names[0]); i++) {
+		if (!all && m->reused[i])
+			continue;
 		pin_file(m, pin_names[i], path, sizeof(path));
 		unlink(path);
 	}
@@ -257,6 +274,7 @@ static int fill_ports(struct bpfmap *m, const struct bpfmap_opts *o, char *err, 
 {
 	struct want_port want[MGW_MAX_PORTS];
 	unsigned char used[MGW_MAX_PORTS];
+	struct mgw_portbits *bits = NULL;
 	__u32 old[MGW_MAX_PORTS], key, next, *prev = NULL;
 	size_t n = 0, n_old = 0, i, j;
 	struct mgw_port_info info;
@@ -309,7 +327,13 @@ static int fill_ports(struct bpfmap *m, const struct bpfmap_opts *o, char *err, 
 		}
 	}
 
+	bits = calloc(1, sizeof(*bits));
+	if (!bits) {
+		ret = -ENOMEM;
+		goto err_update;
+	}
 	for (i = 0; i < n; i++) {
+		bits->bits[want[i].port / 64] |= 1ull << (want[i].port % 64);
 		if (want[i].slot < 0) {
 			for (j = 0; j < MGW_MAX_PORTS && used[j]; j++)
 				;
@@ -327,9 +351,17 @@ static int fill_ports(struct bpfmap *m, const struct bpfmap_opts *o, char *err, 
 			goto err_update;
 		}
 	}
+	/* Last: the programs look at a port only once its row is there. */
+	key = 0;
+	if (bpf_map_update_elem(bpf_map__fd(m->skel->maps.mgw_portbits), &key, bits, BPF_ANY)) {
+		ret = -errno;
+		goto err_update;
+	}
+	free(bits);
 	return 0;
 
 err_update:
+	free(bits);
 	set_err(err, errlen, "filling the port table: %s", strerror(-ret));
 	return ret;
 }
@@ -466,6 +498,7 @@ static int load_skel(struct bpfmap *m, const struct bpfmap_opts *o, char *err, s
 	for (int i = 0; i < 4; i++) {
 		drop_stale_pin(m, maps[i], pin_names[i]);
 		pin_file(m, pin_names[i], path, sizeof(path));
+		m->reused[i] = access(path, F_OK) == 0;
 		ret = bpf_map__set_pin_path(maps[i], path);
 		if (ret) {
 			set_err(err, errlen, "pin path %s: %s", path, strerror(-ret));
@@ -474,11 +507,11 @@ static int load_skel(struct bpfmap *m, const struct bpfmap_opts *o, char *err, s
 	}
 	ret = mailgw_bpf__load(m->skel);
 	if (ret) {
-		if (ret == -EPERM || ret == -EACCES)
-			set_err(err, errlen, "loading the BPF programs: %s (not root / no CAP_BPF, "
-				"or the verifier refused: see the log above)", strerror(-ret));
-		else
-			set_err(err, errlen, "loading the BPF programs: %s", strerror(-ret));
+		set_err(err, errlen, "loading the BPF programs: %s%s", strerror(-ret),
+			ret == -EPERM || ret == -EACCES ?
+			" (not root / no CAP_BPF, or the verifier refused: see the log above)" :
+			ret == -EINVAL && old_kernel() ?
+			" (kernel older than 5.17: bpf_loop and BTF-typed maps are needed)" : "");
 		return ret;
 	}
 	m->ports_fd = bpf_map__fd(maps[0]);
@@ -551,7 +584,7 @@ err_detach:
 	for (size_t i = 0; i < m->n_ifs; i++)
 		detach_iface(&m->ifs[i]);
 err_unpin:
-	unpin_all(m);
+	unpin_all(m, 0);
 	mailgw_bpf__destroy(m->skel);
 err_free:
 	free(m);
@@ -615,7 +648,7 @@ void bpfmap_close(struct bpfmap *m)
 	if (m->skel) {
 		for (size_t i = 0; i < m->n_ifs; i++)
 			detach_iface(&m->ifs[i]);
-		unpin_all(m);
+		unpin_all(m, 1);
 		mailgw_bpf__destroy(m->skel);
 	} else if (m->own_fds) {
 		close(m->ports_fd);

@@ -91,6 +91,13 @@ struct {
 	__type(value, struct mgw_port_stats);
 } mgw_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mgw_portbits);
+} mgw_portbits SEC(".maps");
+
 /* Room to copy the plaintext of one segment for line scanning. */
 struct mgw_scratch {
 	__u8 buf[MGW_SCAN_MAX];
@@ -110,6 +117,8 @@ struct mgw_pkt {
 	__u32 ack;
 	__u32 poff;             /* offset of the TCP payload in the skb */
 	__u32 plen;             /* payload length */
+	__u32 ip_len;           /* IP packet length (all of a GSO/GRO skb) */
+	__u32 pad2;
 	__u16 sport;
 	__u16 dport;
 	__u8  tcp_flags;
@@ -199,6 +208,7 @@ static __always_inline int mgw_parse(struct __sk_buff *skb, struct mgw_pkt *p)
 	if (ip_end > skb->len)
 		ip_end = skb->len;
 	p->plen = ip_end > p->poff ? ip_end - p->poff : 0;
+	p->ip_len = ip_end - l3;
 
 	p->src_is_a = mgw_endpoint_first(saddr, p->sport, daddr, p->dport);
 	if (p->src_is_a) {
@@ -216,6 +226,11 @@ static __always_inline int mgw_parse(struct __sk_buff *skb, struct mgw_pkt *p)
 }
 
 /* --- flow state ----------------------------------------------------------- */
+
+static __always_inline int mgw_port_bit(const struct mgw_portbits *pb, __u16 port)
+{
+	return (pb->bits[(port >> 6) & (65536 / 64 - 1)] >> (port & 63)) & 1;
+}
 
 static __always_inline struct mgw_port_info *mgw_port(__u16 port)
 {
@@ -962,9 +977,10 @@ static __always_inline void mgw_on_close(struct mgw_flow *f, struct mgw_port_sta
 static __always_inline int mgw_classify(struct __sk_buff *skb)
 {
 	struct mgw_pkt p = {};
+	struct mgw_portbits *pb;
 	struct mgw_port_stats *st;
 	struct mgw_flow *f;
-	__u32 dir, cls, slot, segs;
+	__u32 dir, cls, slot, segs, zero = 0;
 	int ret;
 
 	ret = mgw_parse(skb, &p);
@@ -975,6 +991,10 @@ static __always_inline int mgw_classify(struct __sk_buff *skb)
 		ret = mgw_parse(skb, &p);
 	}
 	if (ret)
+		return MGW_TC_ACT_UNSPEC;
+
+	pb = bpf_map_lookup_elem(&mgw_portbits, &zero);
+	if (!pb || (!mgw_port_bit(pb, p.sport) && !mgw_port_bit(pb, p.dport)))
 		return MGW_TC_ACT_UNSPEC;
 
 	f = bpf_map_lookup_elem(&mgw_flows, &p.key);
@@ -1006,7 +1026,7 @@ static __always_inline int mgw_classify(struct __sk_buff *skb)
 			segs = 1;
 		cls &= 1;
 		st->packets[cls] += segs;
-		st->bytes[cls] += skb->len;
+		st->bytes[cls] += p.ip_len;
 	}
 	return MGW_TC_ACT_UNSPEC;
 }

@@ -110,6 +110,15 @@ struct mgw_port_info {
 };
 
 /*
+ * mgw_portbits (array, one element, not pinned): bit p set when port p is
+ * in mgw_ports.  A packet with neither port set is let go after one
+ * array lookup, without touching the flow table.
+ */
+struct mgw_portbits {
+	__u64 bits[65536 / 64];
+};
+
+/*
  * mgw_stats (per-CPU array, one row per port slot).  Readers sum the CPUs.
  * untracked counts flow directions whose record tracking lost its place
  * (a header inside a sequence hole, see mailgw.bpf.c); from then on that
@@ -165,7 +174,7 @@ struct mgw_offload_val {
 };
 #define MGW_OFFLOAD_TLS_HW 1u
 
-/* Per-direction tracking state (part of struct mgw_flow). */
+/* What one direction of a flow may carry now. */
 enum mgw_mode {
 	MGW_MODE_PLAIN = 0,     /* plaintext allowed (dialogue) */
 	MGW_MODE_TLS,           /* only TLS records allowed, followed by seq */

@@ -432,10 +432,12 @@ def ehlo_keywords(lines):
 
 
 def refuses_connections(addr, timeout=3.0):
-    """True if a TCP connect to addr is refused (nothing listens)."""
+    """True if a TCP connect to addr is refused (nothing listens). A reset
+    during connect counts too: it is what a client sees when the listening
+    socket closes while its handshake is still in the queue."""
     try:
         s = socket.create_connection(addr, timeout=timeout)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     s.close()
     return False
