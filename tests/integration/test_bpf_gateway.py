@@ -1,12 +1,13 @@
 #!/usr/bin/python3
 """The eBPF classifier as mailgw runs it: loaded, attached and detached by
 the gateway itself from [bpf], its counters exported on /metrics. Real
-sessions through the gateway on lo: a clean STARTTLS upgrade, a command
-pipelined behind STARTTLS, plaintext on an implicit-TLS port; and monitor
-mode (no listeners) watching a mail server directly. The classifier's own
-packet-level cases (segmentation, retransmission, IPv6, veth) are in
-tests/bpf/."""
+sessions through the gateway, on lo and from a client network namespace
+over veth: a clean STARTTLS upgrade, a command pipelined behind STARTTLS,
+plaintext on an implicit-TLS port; and monitor mode (no listeners) watching
+a mail server directly. The classifier's packet-level cases (segmentation,
+retransmission, IPv6) are in tests/bpf/."""
 
+import atexit
 import os
 import re
 import smtplib
@@ -63,6 +64,38 @@ def wait_value(mport, name, want, timeout=5.0, **labels):
         time.sleep(0.1)
 
 
+def sh(*cmd):
+    subprocess.run(cmd, check=True, capture_output=True, timeout=20)
+
+
+def make_netns():
+    """A client namespace joined to this one by a veth pair; returns
+    (namespace, host-side interface, host address, client address)."""
+    tag = os.getpid() % 100000
+    ns, host_if, cli_if = "mgwc%d" % tag, "mgvh%d" % tag, "mgvc%d" % tag
+    net = "10.231.%d" % (tag % 250)
+    sh("ip", "netns", "add", ns)
+    atexit.register(lambda: subprocess.run(["ip", "netns", "del", ns], capture_output=True))
+    sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", cli_if)
+    atexit.register(lambda: subprocess.run(["ip", "link", "del", host_if], capture_output=True))
+    sh("ip", "link", "set", cli_if, "netns", ns)
+    sh("ip", "addr", "add", net + ".1/30", "dev", host_if)
+    sh("ip", "link", "set", host_if, "up")
+    sh("ip", "-n", ns, "addr", "add", net + ".2/30", "dev", cli_if)
+    sh("ip", "-n", ns, "link", "set", cli_if, "up")
+    sh("ip", "-n", ns, "link", "set", "lo", "up")
+    return ns, host_if, net + ".1", net + ".2"
+
+
+def in_ns(ns, code, timeout=60):
+    """Run a Python client inside the client namespace."""
+    p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code],
+                       capture_output=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError("client in %s failed: %s" % (ns, p.stderr.decode()[-500:]))
+    return p.stdout.decode()
+
+
 def setup():
     why = skip_reason()
     if why:
@@ -75,8 +108,20 @@ def setup():
         listener("smtp", "smtp", "starttls", st.smtp_backend, require_tls="no", **host),
         listener("smtps", "smtp", "implicit", st.smtp_backend, **host),
     ], extra="\n[metrics]\nlisten = 127.0.0.1:%d\n" % mport + bpf_section(pin)).start()
-    t = Ctx(st, gw=gw)
+    try:
+        ns, host_if, host_ip, cli_ip = make_netns()
+    except (subprocess.CalledProcessError, OSError) as e:
+        raise Skip("cannot create a network namespace with veth: %s" % e)
+    vpin, vport = pin + "-veth", free_port()
+    vgw = st.gateway([
+        listener("vsmtp", "smtp", "starttls", st.smtp_backend, require_tls="no",
+                 listen="%s:%d" % (host_ip, free_port()), **host),
+        listener("vsmtps", "smtp", "implicit", st.smtp_backend,
+                 listen="%s:%d" % (host_ip, free_port()), **host),
+    ], extra="\n[metrics]\nlisten = 127.0.0.1:%d\n" % vport + bpf_section(vpin, host_if)).start()
+    t = Ctx(st, gw=gw, vgw=vgw)
     t.st, t.pin, t.mport = st, pin, mport
+    t.ns, t.host_ip, t.vport, t.vpin = ns, host_ip, vport, vpin
     line = t.gw.wait_log(r"eBPF classifier attached", 5)
     if line is None:
         raise AssertionError("gateway did not attach the classifier: %s"
@@ -189,10 +234,79 @@ def monitor_mode(t):
     check(not os.path.exists(pin), "pins left behind at %s after exit", pin)
 
 
+VETH_CLIENT = r"""
+import smtplib, socket, ssl, sys, time
+host, port, sport, what = HOST, PORT, SPORT, WHAT
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+if what == "clean":
+    s = smtplib.SMTP(host, port, timeout=20)
+    s.starttls(context=ctx)
+    s.sendmail("sender@example.org", ["alice@example.test"],
+               b"Subject: veth\r\n\r\n" + b"x" * 200000 + b"\r\n")
+    s.quit()
+elif what == "inject":
+    c = socket.create_connection((host, port), timeout=10)
+    c.recv(1000)
+    c.sendall(b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<x@example.org>\r\n")
+    while c.recv(1000):
+        pass
+elif what == "implicit_plain":
+    c = socket.create_connection((host, sport), timeout=10)
+    c.sendall(b"EHLO plaintext.example\r\n")
+    try:
+        while c.recv(1000):
+            pass
+    except ConnectionResetError:
+        pass
+print("done")
+"""
+
+
+def veth_client(t, what):
+    code = (VETH_CLIENT.replace("HOST", repr(t.host_ip))
+            .replace("SPORT", str(t.vgw.port("vsmtps")))
+            .replace("PORT", str(t.vgw.port("vsmtp"))).replace("WHAT", repr(what)))
+    check("done" in in_ns(t.ns, code), "client did not finish")
+
+
+def veth_cases(t):
+    """A client namespace over veth: clean upgrade, injection, implicit plaintext."""
+    port, sport = t.vgw.port("vsmtp"), t.vgw.port("vsmtps")
+    text = scrape(t.vport)
+    up0 = value(text, "mailgw_bpf_flows_total", port=port, kind="starttls_upgraded")
+    inj0 = value(text, "mailgw_bpf_violations_total", port=port,
+                 reason="plaintext_after_starttls_to_server")
+    srv0 = value(text, "mailgw_bpf_violations_total", port=port,
+                 reason="plaintext_after_upgrade_to_client")
+    imp0 = value(text, "mailgw_bpf_violations_total", port=sport,
+                 reason="plaintext_on_implicit_port")
+    veth_client(t, "clean")
+    check_eq(wait_value(t.vport, "mailgw_bpf_flows_total", up0 + 1, port=port,
+                        kind="starttls_upgraded"), up0 + 1, "starttls_upgraded flows over veth")
+    text = scrape(t.vport)
+    check_eq(value(text, "mailgw_bpf_violations_total", port=port,
+                   reason="plaintext_after_starttls_to_server"), inj0,
+             "violations after a clean upgrade (client side)")
+    check_eq(value(text, "mailgw_bpf_violations_total", port=port,
+                   reason="plaintext_after_upgrade_to_client"), srv0,
+             "violations after a clean upgrade (server side)")
+    check(value(text, "mailgw_bpf_bytes_total", port=port, **{"class": "tls"}) >= 200000,
+          "fewer TLS bytes classified than the message carried")
+    veth_client(t, "inject")
+    check_eq(wait_value(t.vport, "mailgw_bpf_violations_total", inj0 + 1, port=port,
+                        reason="plaintext_after_starttls_to_server"), inj0 + 1,
+             "injection over veth")
+    veth_client(t, "implicit_plain")
+    check_eq(wait_value(t.vport, "mailgw_bpf_violations_total", imp0 + 1, port=sport,
+                        reason="plaintext_on_implicit_port"), imp0 + 1,
+             "plaintext on the implicit port over veth")
+
+
 def pins_removed_at_exit(t):
-    rc = t.gw.stop()
-    check_eq(rc, 0, "exit status after SIGTERM")
-    check(not os.path.exists(t.pin), "pins left behind at %s after exit", t.pin)
+    for gw, pin in ((t.gw, t.pin), (t.vgw, t.vpin)):
+        rc = gw.stop()
+        check_eq(rc, 0, "exit status after SIGTERM")
+        check(not os.path.exists(pin), "pins left behind at %s after exit", pin)
 
 
 CASES = [
@@ -201,6 +315,7 @@ CASES = [
     ("bpf_gateway_injection_counted_once", injection_counted_once),
     ("bpf_gateway_plaintext_on_implicit_counted", plaintext_on_implicit_counted),
     ("bpf_gateway_monitor_mode", monitor_mode),
+    ("bpf_gateway_client_netns_over_veth", veth_cases),
     ("bpf_gateway_detaches_and_unpins_at_exit", pins_removed_at_exit),
 ]
 
