@@ -148,7 +148,7 @@ static void render_bpf(struct out *o, const char *pin)
 		{ "violation_bytes", "mailgw_bpf_violation_bytes_total", "reason",
 		  "Payload bytes of those violations." },
 		{ "untracked", "mailgw_bpf_untracked_total", "direction",
-		  "Packets on mail ports of flows the classifier could not follow." },
+		  "Flow directions whose TLS record tracking was lost (once per flow and direction)." },
 	};
 	struct bpf_collect c = { 0 };
 

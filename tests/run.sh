@@ -41,9 +41,15 @@ vm_run() {
 		"$PYTHON" "$2"
 }
 
+# The eBPF tests pin maps under /sys/fs/bpf; mount bpffs where the host has not.
+if [ "$(id -u)" = 0 ] && ! mountpoint -q /sys/fs/bpf 2>/dev/null; then
+	mount -t bpf bpf /sys/fs/bpf 2>/dev/null || echo "note: cannot mount bpffs at /sys/fs/bpf"
+fi
+
 if [ "${VM_ONLY:-0}" = 1 ]; then
 	vm_run vm/ktls_probe tests/vm/ktls_probe.py
 	[ -f tests/vm/test_ktls.py ] && vm_run vm/test_ktls tests/vm/test_ktls.py
+	vm_run vm/test_bpf tests/bpf/test_bpf.py
 	echo
 	echo "$skip skipped"
 	echo "$pass passed, $fail failed"
@@ -77,6 +83,12 @@ for build in release asan; do
 		run "$build/$(basename "$t" .py)" env MAILGW="$bin" "$PYTHON" "$t"
 	done
 done
+
+# eBPF classifier: network namespaces + veth on the host, and loaded and
+# attached inside Debian's 6.1 kernel (the guest), as appliances run older
+# kernels than this host.
+run host/test_bpf "$PYTHON" tests/bpf/test_bpf.py
+vm_run vm/test_bpf tests/bpf/test_bpf.py
 
 # Kernel TLS lane (the host kernel has none): the same tests inside a guest,
 # and on the host, where they must report SKIP.
