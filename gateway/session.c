@@ -368,7 +368,7 @@ static void backend_connect(struct session *s)
 		backend_failed(s, LS_backend_connect, "backend connect");
 		return;
 	}
-	/* Writability reports the outcome (RFC-less but POSIX: connect(2)). */
+	/* Non-blocking connect: writability reports the outcome (connect(2)). */
 	s->b.wr_block = EPOLLOUT;
 }
 
