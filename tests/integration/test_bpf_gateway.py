@@ -194,16 +194,54 @@ def plaintext_on_implicit_counted(t):
     check_eq(got, v0 + 1, "plaintext_on_implicit_port violations")
 
 
+class CraftedServer:
+    """A mail server that answers STARTTLS with 220 and then goes on in
+    plaintext in the same segment: what the classifier must catch."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                f = c.makefile("rb")
+                c.sendall(b"220 crafted.example ESMTP\r\n")
+                while True:
+                    line = f.readline()
+                    if not line:
+                        break
+                    if line.upper().startswith(b"EHLO"):
+                        c.sendall(b"250-crafted.example\r\n250 STARTTLS\r\n")
+                    elif line.upper().startswith(b"STARTTLS"):
+                        c.sendall(b"220 2.0.0 go ahead\r\n250 plaintext after the upgrade\r\n")
+                        break
+                f.close()
+                c.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.sock.close()
+
+
 def monitor_mode(t):
     """No listeners: mailgw only classifies, here Postfix's own port."""
     pin = t.pin + "-mon"
     mport = free_port()
     pf_port = t.st.smtp_backend[1]
+    crafted = CraftedServer()
     conf = os.path.join(t.st.dir, "monitor.conf")
     with open(conf, "w") as f:
         f.write("[global]\nlog_level = info\nshutdown_grace = 2\n"
                 "[metrics]\nlisten = 127.0.0.1:%d\n" % mport
-                + bpf_section(pin, ports="%d/smtp" % pf_port))
+                + bpf_section(pin, ports="%d/smtp %d/smtp" % (pf_port, crafted.port)))
     binary = os.environ.get("MAILGW", "build/mailgw")
     rc = subprocess.run([binary, "-t", "-c", conf], capture_output=True, timeout=30)
     check(rc.returncode == 0, "mailgw -t rejects a monitor-mode config: %s", rc.stderr[-300:])
@@ -226,7 +264,20 @@ def monitor_mode(t):
         got = wait_value(mport, "mailgw_bpf_flows_total", f0 + 1, port=pf_port,
                          kind="plaintext_only")
         check_eq(got, f0 + 1, "plaintext_only flows on the watched port")
+        # A server that keeps talking plaintext after its 220 to STARTTLS.
+        v0 = value(scrape(mport), "mailgw_bpf_violations_total", port=crafted.port,
+                   reason="plaintext_after_upgrade_to_client")
+        with Conn(("127.0.0.1", crafted.port)) as c:
+            c.line()
+            c.send(b"EHLO client.example\r\n")
+            c.line()
+            c.send(b"STARTTLS\r\n")
+            c.read_until_close(5)
+        got = wait_value(mport, "mailgw_bpf_violations_total", v0 + 1, port=crafted.port,
+                         reason="plaintext_after_upgrade_to_client")
+        check_eq(got, v0 + 1, "plaintext_after_upgrade_to_client from the crafted server")
     finally:
+        crafted.close()
         p.terminate()
         rc = p.wait(15)
         log.close()
