@@ -7,6 +7,7 @@
 #   make asan     sanitizer build (ASan+UBSan) in build/asan/mailgw
 #   make fuzz     libFuzzer targets in build/fuzz/
 #   make vm-test  the kernel-TLS tests inside Debian's kernel under qemu (tests/vm)
+#   make bench    mailgw against nginx, stunnel, HAProxy (never part of make test)
 #   make check-config CONFIG=FILE
 
 CC       ?= gcc
@@ -36,7 +37,7 @@ PURE_SRC := gateway/buf.c gateway/proto.c gateway/smtp.c gateway/imap.c \
 UNIT_TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(wildcard tests/unit/test_*.c))
 FUZZERS    := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
 
-.PHONY: all deps asan fuzz unit test run clean check-config vm-test
+.PHONY: all deps asan fuzz unit test run clean check-config vm-test bench
 
 all: $(BUILD)/mailgw $(BUILD)/bpf/bpfctl
 
@@ -90,6 +91,12 @@ test: deps
 run: deps
 	@$(MAKE) --no-print-directory all
 	@$(PYTHON) tests/lib/mailstack.py demo --config configs/demo.conf --workdir $(BUILD)/demo
+
+# Benchmarks: server on core 0, load on core 1; writes docs/benchmarks.csv and
+# docs/benchmarks_chart.png (tests/bench/README.md).
+bench: all
+	@$(MAKE) --no-print-directory -C tests/bench
+	@$(PYTHON) tests/bench/run
 
 check-config: all
 	$(BUILD)/mailgw -t -c $(CONFIG)

@@ -117,9 +117,15 @@ bool offload_init(enum offload_request req)
 	return ktls_available();
 }
 
-void offload_setup_ctx(SSL_CTX *ctx)
+void offload_setup_ctx(enum offload_request req, SSL_CTX *ctx)
 {
-	SSL_CTX_set_keylog_callback(ctx, keylog_cb);
+	/*
+	 * Only where kernel TLS can take a session: OpenSSL formats a key
+	 * log line per secret for the callback, which costs about 3% of a
+	 * handshake, and the secrets are best not formatted at all.
+	 */
+	if (req != OFFLOAD_REQ_USERSPACE && ktls_available())
+		SSL_CTX_set_keylog_callback(ctx, keylog_cb);
 }
 
 void offload_prepare(enum offload_request req, SSL *ssl)

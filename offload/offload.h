@@ -89,7 +89,7 @@ void offload_nic_report(void (*report)(const char *ifname, const char *feature, 
 				       bool active));
 
 /* Per TLS context and per connection, before the handshake. */
-void offload_setup_ctx(SSL_CTX *ctx);
+void offload_setup_ctx(enum offload_request req, SSL_CTX *ctx);
 void offload_prepare(enum offload_request req, SSL *ssl);
 
 /* Attach the best engine for this connection; returns 0 or negative errno. */
