@@ -54,7 +54,6 @@ struct parse_ctx {
 	char cur_section[128];
 	struct listener_conf *cur_listener;
 	unsigned global_seen, tls_seen, offload_seen, metrics_seen, bpf_seen;
-	bool in_known_section;
 };
 
 static int fail(struct parse_ctx *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

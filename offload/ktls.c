@@ -327,15 +327,10 @@ out:
 
 /* --- engine ops ------------------------------------------------------------ */
 
-struct ktls_priv {
-	bool diag_ok;
-};
-
 static int kt_attach(struct offload_conn *c)
 {
 	bool tx, rx;
 	unsigned txconf, rxconf;
-	struct ktls_priv *p;
 
 	if (!ktls_available()) {
 		snprintf(c->err, sizeof(c->err), "kernel has no TLS support (tls module)");
@@ -350,24 +345,17 @@ static int kt_attach(struct offload_conn *c)
 		secret_wipe(c->ssl);
 		return -ENOTSUP;
 	}
-	/* Before anything is installed: a failure here leaves OpenSSL in charge. */
-	p = calloc(1, sizeof(*p));
-	if (!p) {
-		secret_wipe(c->ssl);
-		return -ENOMEM;
-	}
+	/* From here on nothing can fail in a way OpenSSL would have to take back. */
 	c->err[0] = '\0';
 	if (!rx && SSL_version(c->ssl) == TLS1_3_VERSION)
 		rx = install_rx_tls13(c) == 0;
 	secret_wipe(c->ssl);
 	/* c->err keeps why RX stayed in userspace, if it did. */
-	c->priv = p;
 	c->tx_kernel = true;
 	c->rx_kernel = rx;
 	c->tx_mode = OFFLOAD_MODE_KTLS_SW;
 	c->rx_mode = rx ? OFFLOAD_MODE_KTLS_SW : OFFLOAD_MODE_USERSPACE;
 	if (diag_conf(c->fd, &txconf, &rxconf) == 0) {
-		p->diag_ok = true;
 		c->modes_verified = true;
 		c->tx_mode = conf_mode(txconf);
 		c->rx_mode = conf_mode(rxconf);
@@ -442,8 +430,7 @@ static int kt_shutdown(struct offload_conn *c)
 
 static void kt_detach(struct offload_conn *c)
 {
-	free(c->priv);
-	c->priv = NULL;
+	c->priv = NULL; /* the engine keeps no per-session state of its own */
 }
 
 static ssize_t kt_splice_from(struct offload_conn *c, int pipe_w, size_t len)
