@@ -343,8 +343,21 @@ static int offload_key(struct parse_ctx *p, const char *name, const char *v)
 			p->cfg->offload = OFFLOAD_REQ_KTLS;
 		else if (!strcmp(v, "userspace"))
 			p->cfg->offload = OFFLOAD_REQ_USERSPACE;
+		else if (!strcmp(v, "dpdk"))
+			p->cfg->offload = OFFLOAD_REQ_DPDK;
 		else
-			return fail(p, "mode: expected auto, ktls or userspace");
+			return fail(p, "mode: expected auto, ktls, dpdk or userspace");
+		return 1;
+	}
+	if (!strcmp(name, "dpdk_args")) {
+		if (!seen_once(p, &p->offload_seen, 2, name))
+			return 0;
+		if (strlen(v) >= sizeof(p->cfg->dpdk_args))
+			return fail(p, "dpdk_args: longer than %zu bytes",
+				    sizeof(p->cfg->dpdk_args) - 1);
+		if (!*v)
+			return fail(p, "dpdk_args: empty (leave it out when DPDK is not used)");
+		snprintf(p->cfg->dpdk_args, sizeof(p->cfg->dpdk_args), "%s", v);
 		return 1;
 	}
 	return fail(p, "unknown key '%s' in [offload]", name);
@@ -623,6 +636,8 @@ static int scan_sections(struct parse_ctx *p)
 				p->cfg->tls_line = lineno;
 			if (!strcmp(s, "bpf") && !p->cfg->bpf_line)
 				p->cfg->bpf_line = lineno;
+			if (!strcmp(s, "offload") && !p->cfg->offload_line)
+				p->cfg->offload_line = lineno;
 			continue;
 		}
 		if (!strncmp(s, "listener", 8) && (s[8] == ' ' || s[8] == '\0')) {
@@ -742,6 +757,11 @@ int config_load(const char *path, struct config **out, char *err, size_t errlen)
 	if (!p.failed && c->bpf_enable == BPF_ON && c->bpf_nifaces == 0) {
 		p.line = c->bpf_line;
 		fail(&p, "[bpf] enable = on needs interfaces");
+	}
+	if (!p.failed && c->offload == OFFLOAD_REQ_DPDK && !c->dpdk_args[0]) {
+		p.line = c->offload_line;
+		fail(&p, "[offload] mode = dpdk needs dpdk_args (EAL arguments naming a crypto "
+			 "device, e.g. --no-huge --no-pci --no-shconf --vdev crypto_aesni_gcm0)");
 	}
 	/* Monitor mode: no listener, the eBPF classifier only. */
 	if (!p.failed && c->nlisteners == 0 && !(c->bpf_enable != BPF_OFF && c->bpf_nifaces)) {

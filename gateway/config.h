@@ -83,6 +83,8 @@ struct config {
 
 	/* [offload] */
 	enum offload_request offload;
+	char dpdk_args[512];     /* EAL arguments; empty: DPDK not configured */
+	int offload_line;
 
 	/* [bpf] */
 	enum { BPF_AUTO, BPF_ON, BPF_OFF } bpf_enable;

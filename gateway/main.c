@@ -49,6 +49,7 @@ struct child {
 	unsigned gen;
 	uint64_t started;
 	unsigned row; /* its counter row (stats.h) */
+	int qp;       /* its DPDK queue pair, or -1 */
 };
 
 struct generation {
@@ -199,25 +200,31 @@ static void close_sockets(struct generation *g)
 static pid_t spawn(struct generation *g, unsigned idx)
 {
 	unsigned row = take_row(idx);
+	int qp = offload_dpdk_take_qp();
 	pid_t pid = fork();
 	unsigned i, w, n = g->cfg->nlisteners, nw = g->cfg->workers;
 	int fds[CONFIG_MAX_LISTENERS];
+	char err[160];
 
 	if (pid < 0) {
 		log_error("fork: %s", strerror(errno));
 		row_used[row] = false;
+		offload_dpdk_give_qp(qp, true);
 		return -1;
 	}
 	if (pid > 0) {
 		for (i = 0; i < MAX_CHILDREN; i++) {
 			if (children[i].pid == 0) {
-				children[i] = (struct child){ pid, idx, g->gen, now_ms(), row };
+				children[i] = (struct child){ pid, idx, g->gen, now_ms(), row, qp };
 				break;
 			}
 		}
 		return pid;
 	}
 	stats_select_row(row);
+	if (offload_worker_start(qp, err, sizeof(err)) < 0)
+		log_error("DPDK crypto device for worker %u: %s: its sessions stay in userspace",
+			  idx, err);
 	/* Child: keep only this worker's sockets, none of the master's. */
 	close(master_sigfd);
 	metrics_forget_in_child();
@@ -324,6 +331,24 @@ static void log_stats(void)
 	log_info("stats: %s", line);
 }
 
+/* Engine events into the counters of whichever process saw them. */
+static void count_engine_event(enum offload_event ev, unsigned long n)
+{
+	static const enum stat_id map[OFFLOAD_EV_MAX] = {
+		[OFFLOAD_EV_DPDK_RECORD_TX] = STAT_dpdk_records_tx,
+		[OFFLOAD_EV_DPDK_RECORD_RX] = STAT_dpdk_records_rx,
+		[OFFLOAD_EV_DPDK_BURST] = STAT_dpdk_bursts,
+		[OFFLOAD_EV_DPDK_BAD_MAC] = STAT_dpdk_bad_mac,
+		[OFFLOAD_EV_DPDK_DEVICE_ERR] = STAT_dpdk_device_error,
+		[OFFLOAD_EV_DPDK_PEER_ALERT] = STAT_dpdk_peer_alert,
+		[OFFLOAD_EV_DPDK_PROTOCOL] = STAT_dpdk_protocol_error,
+		[OFFLOAD_EV_DPDK_KEYUPDATE] = STAT_dpdk_keyupdate,
+	};
+
+	if ((unsigned)ev < OFFLOAD_EV_MAX)
+		stats_add(map[ev], (int64_t)n);
+}
+
 static void reload(const char *path, struct generation *cur, unsigned *next_gen)
 {
 	struct generation g;
@@ -342,6 +367,10 @@ static void reload(const char *path, struct generation *cur, unsigned *next_gen)
 		return;
 	}
 	g.gen = (*next_gen)++;
+	if (strcmp(g.cfg->dpdk_args, cur->cfg->dpdk_args) ||
+	    (g.cfg->offload == OFFLOAD_REQ_DPDK) != (cur->cfg->offload == OFFLOAD_REQ_DPDK))
+		log_warn("[offload] DPDK settings changed: they take effect at the next restart "
+			 "(the EAL starts once)");
 	assign_slots(g.cfg);
 	log_set_level(g.cfg->log_level);
 	raise_nofile(g.cfg);
@@ -399,6 +428,7 @@ static void reap(struct generation *cur, bool stopping)
 			/* Sessions of a worker that died are gone with it. */
 			stats_clear_gauges(ch->row);
 			row_used[ch->row] = false;
+			offload_dpdk_give_qp(ch->qp, WIFEXITED(status) && WEXITSTATUS(status) == 0);
 			ch->pid = 0;
 			break;
 		}
@@ -476,8 +506,24 @@ int main(int argc, char **argv)
 		if (!nic_tls_capable)
 			log_info("no NIC offers TLS offload: kernel TLS runs in software (TLS_SW)");
 	}
-	else if (cur.cfg->offload != OFFLOAD_REQ_USERSPACE)
+	else if (cur.cfg->offload == OFFLOAD_REQ_AUTO || cur.cfg->offload == OFFLOAD_REQ_KTLS)
 		log_warn("kernel TLS not available (no tls module): record crypto stays in userspace");
+	offload_set_counter(count_engine_event);
+	if (cur.cfg->dpdk_args[0] &&
+	    (cur.cfg->offload == OFFLOAD_REQ_DPDK || cur.cfg->offload == OFFLOAD_REQ_AUTO)) {
+		if (offload_dpdk_init(cur.cfg->dpdk_args, cur.cfg->workers, err, sizeof(err)) < 0) {
+			if (cur.cfg->offload == OFFLOAD_REQ_DPDK) {
+				fprintf(stderr, "%s:%d: [offload] dpdk: %s\n", path,
+					cur.cfg->offload_line, err);
+				return 1;
+			}
+			log_warn("DPDK not started (%s): record crypto stays with kernel TLS or "
+				 "userspace", err);
+		} else {
+			log_info("DPDK crypto device %s: records are encrypted and decrypted there "
+				 "in bursts", offload_dpdk_describe());
+		}
+	}
 	if (classify_start(cur.cfg, err, sizeof(err)) < 0) {
 		fprintf(stderr, "%s:%d: %s\n", path, cur.cfg->bpf_line, err);
 		return 1;

@@ -186,7 +186,7 @@ char *metrics_render(size_t *len)
 	static const struct { const char *mode, *dir; int id; } offload[] = {
 		{ "ktls_hw", "tx", STAT_offload_ktls_hw_tx }, { "ktls_hw", "rx", STAT_offload_ktls_hw_rx },
 		{ "ktls_sw", "tx", STAT_offload_ktls_sw_tx }, { "ktls_sw", "rx", STAT_offload_ktls_sw_rx },
-		{ "dpdk", "tx", -1 }, { "dpdk", "rx", -1 },
+		{ "dpdk", "tx", STAT_offload_dpdk_tx }, { "dpdk", "rx", STAT_offload_dpdk_rx },
 		{ "userspace", "tx", STAT_offload_userspace_tx },
 		{ "userspace", "rx", STAT_offload_userspace_rx },
 	};
@@ -258,6 +258,32 @@ char *metrics_render(size_t *len)
 	family(&o, "mailgw_ktls_keyupdate_total", "counter",
 	       "Sessions ended by a TLS 1.3 KeyUpdate that kernel TLS cannot follow.");
 	put(&o, "mailgw_ktls_keyupdate_total %llu\n", (unsigned long long)stats_sum(STAT_ktls_keyupdate));
+
+	family(&o, "mailgw_dpdk_fallback_total", "counter",
+	       "Sessions where the DPDK engine was wanted but declined (cipher, device), left in userspace.");
+	put(&o, "mailgw_dpdk_fallback_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_fallback));
+	family(&o, "mailgw_dpdk_records_total", "counter",
+	       "TLS records through the DPDK crypto device, by direction (tx: encrypted, rx: decrypted).");
+	put(&o, "mailgw_dpdk_records_total{direction=\"tx\"} %llu\n",
+	    (unsigned long long)stats_sum(STAT_dpdk_records_tx));
+	put(&o, "mailgw_dpdk_records_total{direction=\"rx\"} %llu\n",
+	    (unsigned long long)stats_sum(STAT_dpdk_records_rx));
+	family(&o, "mailgw_dpdk_bursts_total", "counter",
+	       "Enqueue bursts to the DPDK crypto device (records per burst = records / bursts).");
+	put(&o, "mailgw_dpdk_bursts_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_bursts));
+	family(&o, "mailgw_dpdk_errors_total", "counter",
+	       "Sessions ended by the DPDK engine: bad_record_mac, device, peer_alert, protocol.");
+	put(&o, "mailgw_dpdk_errors_total{reason=\"bad_record_mac\"} %llu\n",
+	    (unsigned long long)stats_sum(STAT_dpdk_bad_mac));
+	put(&o, "mailgw_dpdk_errors_total{reason=\"device\"} %llu\n",
+	    (unsigned long long)stats_sum(STAT_dpdk_device_error));
+	put(&o, "mailgw_dpdk_errors_total{reason=\"peer_alert\"} %llu\n",
+	    (unsigned long long)stats_sum(STAT_dpdk_peer_alert));
+	put(&o, "mailgw_dpdk_errors_total{reason=\"protocol\"} %llu\n",
+	    (unsigned long long)stats_sum(STAT_dpdk_protocol_error));
+	family(&o, "mailgw_dpdk_keyupdates_total", "counter",
+	       "TLS 1.3 KeyUpdate messages followed by the DPDK engine (new receive keys).");
+	put(&o, "mailgw_dpdk_keyupdates_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_keyupdate));
 
 	family(&o, "mailgw_relay_bytes_total", "counter", "Payload bytes relayed, by direction.");
 	labelled(&o, "mailgw_relay_bytes_total", "direction", bytes, 2);

@@ -32,6 +32,7 @@
 #include <netinet/tcp.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +57,8 @@
 #define SESS_CLOSE_LINGER_MS 5000  /* time to flush a last reply */
 #define SESS_RUN_BUDGET 64         /* steps per turn before yielding to others */
 #define SESS_PIPE_CAP (64 * 1024)  /* Linux default pipe size: the splice window */
+/* A block that no epoll event clears: waiting for the record engine's wake. */
+#define SESS_WAIT_ENGINE EPOLLMSG
 
 enum sess_state {
 	SS_PRETLS,
@@ -176,7 +179,23 @@ static void fail_with(struct session *s, enum proto_error e, const char *why)
 
 static uint32_t want_event(unsigned want)
 {
-	return want == OFFLOAD_WANT_WRITE ? EPOLLOUT : EPOLLIN;
+	return want == OFFLOAD_WANT_ENGINE ? SESS_WAIT_ENGINE :
+	       want == OFFLOAD_WANT_WRITE  ? EPOLLOUT :
+					     EPOLLIN;
+}
+
+/* The record engine finished work for this session (OFFLOAD_WANT_ENGINE). */
+static void engine_wake(struct offload_conn *oc)
+{
+	struct session *s = (struct session *)((char *)oc - offsetof(struct session, oc));
+
+	if (s->dead)
+		return;
+	if (s->c.rd_block == SESS_WAIT_ENGINE)
+		s->c.rd_block = 0;
+	if (s->c.wr_block == SESS_WAIT_ENGINE)
+		s->c.wr_block = 0;
+	worker_schedule(s->w, s);
 }
 
 /* > 0 bytes, 0 EOF, -EAGAIN blocked, other negative: fatal. */
@@ -664,30 +683,48 @@ static void count_offload(struct session *s)
 	static const char *seen[16];
 	static unsigned nseen;
 	const char *cause = s->oc.err[0] ? s->oc.err : NULL;
-	bool wanted = s->w->cfg->offload != OFFLOAD_REQ_USERSPACE && offload_ktls.available();
+	enum offload_request req = s->w->cfg->offload;
+	bool want_ktls = (req == OFFLOAD_REQ_AUTO || req == OFFLOAD_REQ_KTLS) &&
+			 offload_ktls.available();
+	bool want_dpdk = (req == OFFLOAD_REQ_DPDK ||
+			  (req == OFFLOAD_REQ_AUTO && !want_ktls && s->w->cfg->dpdk_args[0]));
+	const char *wanted;
 	unsigned i;
 
-	stats_inc(s->oc.tx_mode == OFFLOAD_MODE_KTLS_HW ? STAT_offload_ktls_hw_tx :
-		  s->oc.tx_mode == OFFLOAD_MODE_KTLS_SW ? STAT_offload_ktls_sw_tx :
-							   STAT_offload_userspace_tx);
-	stats_inc(s->oc.rx_mode == OFFLOAD_MODE_KTLS_HW ? STAT_offload_ktls_hw_rx :
-		  s->oc.rx_mode == OFFLOAD_MODE_KTLS_SW ? STAT_offload_ktls_sw_rx :
-							   STAT_offload_userspace_rx);
-	if (!wanted || (s->oc.tx_kernel && s->oc.rx_kernel))
+	static const enum stat_id tx[] = { [OFFLOAD_MODE_USERSPACE] = STAT_offload_userspace_tx,
+					   [OFFLOAD_MODE_KTLS_SW] = STAT_offload_ktls_sw_tx,
+					   [OFFLOAD_MODE_KTLS_HW] = STAT_offload_ktls_hw_tx,
+					   [OFFLOAD_MODE_DPDK] = STAT_offload_dpdk_tx };
+	static const enum stat_id rx[] = { [OFFLOAD_MODE_USERSPACE] = STAT_offload_userspace_rx,
+					   [OFFLOAD_MODE_KTLS_SW] = STAT_offload_ktls_sw_rx,
+					   [OFFLOAD_MODE_KTLS_HW] = STAT_offload_ktls_hw_rx,
+					   [OFFLOAD_MODE_DPDK] = STAT_offload_dpdk_rx };
+
+	stats_inc(tx[s->oc.tx_mode]);
+	stats_inc(rx[s->oc.rx_mode]);
+	if (want_ktls && !(s->oc.tx_kernel && s->oc.rx_kernel)) {
+		stats_inc(STAT_ktls_fallback);
+		wanted = "kernel TLS";
+	} else if (want_dpdk && s->oc.ops != &offload_dpdk) {
+		stats_inc(STAT_dpdk_fallback);
+		wanted = "DPDK";
+	} else {
 		return;
-	stats_inc(STAT_ktls_fallback);
+	}
 	if (!cause)
 		cause = "unknown";
 	for (i = 0; i < nseen; i++) {
 		if (!strcmp(seen[i], cause)) {
-			log_sess(LOG_DEBUG, s, "kernel TLS fallback: %s", cause);
+			log_sess(LOG_DEBUG, s, "%s fallback: %s", wanted, cause);
 			return;
 		}
 	}
 	if (nseen < ARRAY_SIZE(seen))
 		seen[nseen++] = strdup(cause);
-	log_sess(LOG_WARN, s, "kernel TLS fallback to userspace for %s: %s (logged once per cause)",
-		 !s->oc.tx_kernel ? "both directions" : "receive", cause);
+	log_sess(LOG_WARN, s, "%s fallback to %s for %s: %s (logged once per cause)", wanted,
+		 s->oc.ops->name, !s->oc.tx_kernel && !s->oc.rx_kernel ? "both directions" :
+				  !s->oc.rx_kernel ? "receive" : "transmit",
+		 cause);
 }
 
 static int open_pipes(struct session *s)
@@ -737,6 +774,7 @@ static int step_handshake(struct session *s)
 	stats_handshake_time(s->lc->slot, now_us() - s->hs_started_us);
 	s->oc.ssl = s->ssl;
 	s->oc.fd = s->c.fd;
+	s->oc.wake = engine_wake;
 	if (offload_attach(s->w->cfg->offload, &s->oc) < 0) {
 		log_sess(LOG_ERROR, s, "no record engine accepted the session");
 		s->close_reason = "offload";
@@ -759,7 +797,7 @@ static int step_handshake(struct session *s)
 			 SSL_CIPHER_get_name(SSL_get_current_cipher(s->ssl)), sni ? sni : "-",
 			 s->oc.ops->name, offload_mode_name(s->oc.tx_mode),
 			 offload_mode_name(s->oc.rx_mode),
-			 s->oc.ops == &offload_userspace || s->oc.modes_verified ? "" :
+			 s->oc.ops != &offload_ktls || s->oc.modes_verified ? "" :
 										  " (kernel did not report)");
 	}
 	s->c.rd_block = s->c.wr_block = 0;

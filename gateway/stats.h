@@ -40,7 +40,18 @@
 	X(offload_ktls_hw_tx)                                                 \
 	X(offload_ktls_hw_rx)                                                 \
 	X(ktls_fallback)        /* kTLS wanted, a direction stayed in userspace */ \
-	X(ktls_keyupdate)       /* sessions ended by a KeyUpdate kTLS cannot follow */
+	X(ktls_keyupdate)       /* sessions ended by a KeyUpdate kTLS cannot follow */ \
+	X(offload_dpdk_tx)                                                    \
+	X(offload_dpdk_rx)                                                    \
+	X(dpdk_fallback)        /* DPDK wanted, the session stayed in userspace */ \
+	X(dpdk_records_tx)      /* records encrypted on the crypto device */  \
+	X(dpdk_records_rx)      /* records decrypted on the crypto device */  \
+	X(dpdk_bursts)          /* enqueue bursts to the device */            \
+	X(dpdk_bad_mac)         /* records that failed authentication */      \
+	X(dpdk_device_error)    /* operations the device failed */            \
+	X(dpdk_peer_alert)      /* fatal alerts received from clients */      \
+	X(dpdk_protocol_error)  /* unexpected records or messages */          \
+	X(dpdk_keyupdate)       /* TLS 1.3 KeyUpdates followed */
 
 enum stat_id {
 #define STATS_ENUM(name) STAT_##name,

@@ -180,7 +180,7 @@ static SSL_CTX *new_ctx(const struct config *c, struct tls_ctx *t, char *why, si
 	SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_SERVER);
 	SSL_CTX_set_tlsext_servername_callback(ctx, servername_cb);
 	SSL_CTX_set_tlsext_servername_arg(ctx, t);
-	offload_setup_ctx(c->offload, ctx);
+	offload_setup_ctx(c->offload, c->dpdk_args[0] != '\0', ctx);
 	ERR_clear_error();
 	return ctx;
 err:

@@ -21,6 +21,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "../offload/offload.h"
 #include "log.h"
 #include "session.h"
 #include "stats.h"
@@ -215,7 +216,7 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 	log_debug("worker %u ready", idx);
 
 	for (;;) {
-		int n, k, timeout = w.ready ? 0 : TICK_MS;
+		int n, k, timeout = w.ready || w.engine_busy ? 0 : TICK_MS;
 		uint64_t now;
 
 		n = epoll_wait(w.epfd, evs, MAX_EVENTS, timeout);
@@ -245,8 +246,11 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 			}
 			}
 		}
+		/* Records queued by this turn's sessions go to the device in one burst. */
+		offload_poll();
 		run_ready(&w);
 		session_reap(&w);
+		w.engine_busy = offload_busy();
 
 		now = now_ms();
 		if (pause_until && now >= pause_until && !w.stopping) {

@@ -44,6 +44,7 @@ struct worker {
 	struct session *dead;     /* closed this turn, freed at its end */
 	unsigned nsessions;
 	bool stopping;
+	bool engine_busy;         /* the record engine has work queued or in flight */
 	uint64_t stop_deadline;
 };
 

@@ -41,6 +41,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "engine.h"
 #include "keys.h"
 #include "offload.h"
 
@@ -55,33 +56,13 @@
 #define TLS_RECORD_HANDSHAKE 22
 #define TLS_RECORD_APPDATA 23
 
-struct ktls_secret {
-	uint8_t s[KEYS_SECRET_MAX];
-	int len;
-};
-
 static int kernel_tls = -1; /* -1 unknown, 0 absent, 1 usable */
-static int secret_idx = -1;
-
-static void secret_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl,
-			void *argp)
-{
-	(void)parent;
-	(void)ad;
-	(void)idx;
-	(void)argl;
-	(void)argp;
-	if (ptr) {
-		OPENSSL_cleanse(ptr, sizeof(struct ktls_secret));
-		free(ptr);
-	}
-}
 
 /*
  * TCP_ULP "tls" on an unconnected socket: ENOENT means no tls module (the
  * kernel tries to load it first when we may), ENOTCONN means it is there.
  */
-static bool ktls_available(void)
+bool offload_ktls_usable(void)
 {
 	if (kernel_tls < 0) {
 		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -96,59 +77,9 @@ static bool ktls_available(void)
 	return kernel_tls == 1;
 }
 
-static void keylog_cb(const SSL *ssl, const char *line)
+static bool ktls_available(void)
 {
-	struct ktls_secret *sec = secret_idx >= 0 ? SSL_get_ex_data(ssl, secret_idx) : NULL;
-	int n;
-
-	if (!sec)
-		return;
-	n = keys_parse_keylog(line, "CLIENT_TRAFFIC_SECRET_0", sec->s, sizeof(sec->s));
-	if (n > 0)
-		sec->len = n;
-}
-
-bool offload_init(enum offload_request req)
-{
-	if (secret_idx < 0)
-		secret_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, secret_free);
-	if (req == OFFLOAD_REQ_USERSPACE)
-		return false;
-	return ktls_available();
-}
-
-void offload_setup_ctx(enum offload_request req, SSL_CTX *ctx)
-{
-	/*
-	 * Only where kernel TLS can take a session: OpenSSL formats a key
-	 * log line per secret for the callback, which costs about 3% of a
-	 * handshake, and the secrets are best not formatted at all.
-	 */
-	if (req != OFFLOAD_REQ_USERSPACE && ktls_available())
-		SSL_CTX_set_keylog_callback(ctx, keylog_cb);
-}
-
-void offload_prepare(enum offload_request req, SSL *ssl)
-{
-	struct ktls_secret *sec;
-
-	if (req == OFFLOAD_REQ_USERSPACE || !ktls_available() || secret_idx < 0)
-		return;
-	SSL_set_options(ssl, SSL_OP_ENABLE_KTLS);
-	sec = calloc(1, sizeof(*sec));
-	if (sec && !SSL_set_ex_data(ssl, secret_idx, sec))
-		free(sec);
-}
-
-static void secret_wipe(SSL *ssl)
-{
-	struct ktls_secret *sec = secret_idx >= 0 ? SSL_get_ex_data(ssl, secret_idx) : NULL;
-
-	if (sec) {
-		OPENSSL_cleanse(sec, sizeof(*sec));
-		SSL_set_ex_data(ssl, secret_idx, NULL);
-		free(sec);
-	}
+	return offload_ktls_usable();
 }
 
 /* --- TLS 1.3 RX ----------------------------------------------------------- */
@@ -162,7 +93,7 @@ union crypto_info {
 
 static int install_rx_tls13(struct offload_conn *c)
 {
-	struct ktls_secret *sec = SSL_get_ex_data(c->ssl, secret_idx);
+	struct offload_secret *sec = offload_secret_get(c->ssl);
 	const SSL_CIPHER *ci = SSL_get_current_cipher(c->ssl);
 	const struct keys_suite *su = ci ? keys_suite_tls13(SSL_CIPHER_get_protocol_id(ci)) : NULL;
 	uint8_t key[32], iv[12];
@@ -170,7 +101,7 @@ static int install_rx_tls13(struct offload_conn *c)
 	size_t len;
 	int rc = -1;
 
-	if (!sec || sec->len <= 0) {
+	if (!sec || sec->client_len <= 0) {
 		snprintf(c->err, sizeof(c->err), "no client traffic secret");
 		return -1;
 	}
@@ -183,7 +114,7 @@ static int install_rx_tls13(struct offload_conn *c)
 		snprintf(c->err, sizeof(c->err), "client data already buffered in OpenSSL");
 		return -1;
 	}
-	if (keys_tls13_traffic(su, sec->s, (size_t)sec->len, key, iv)) {
+	if (keys_tls13_traffic(su, sec->client, (size_t)sec->client_len, key, iv)) {
 		snprintf(c->err, sizeof(c->err), "key derivation failed");
 		return -1;
 	}
@@ -342,14 +273,13 @@ static int kt_attach(struct offload_conn *c)
 		snprintf(c->err, sizeof(c->err), "OpenSSL did not offload TX for %s %s",
 			 SSL_get_version(c->ssl),
 			 SSL_CIPHER_get_name(SSL_get_current_cipher(c->ssl)));
-		secret_wipe(c->ssl);
-		return -ENOTSUP;
+		return -ENOTSUP; /* the secrets stay for the next engine */
 	}
 	/* From here on nothing can fail in a way OpenSSL would have to take back. */
 	c->err[0] = '\0';
 	if (!rx && SSL_version(c->ssl) == TLS1_3_VERSION)
 		rx = install_rx_tls13(c) == 0;
-	secret_wipe(c->ssl);
+	offload_secret_wipe(c->ssl);
 	/* c->err keeps why RX stayed in userspace, if it did. */
 	c->tx_kernel = true;
 	c->rx_kernel = rx;

@@ -9,13 +9,14 @@
  *
  *     NIC (kTLS TLS_HW) -> kernel TLS (TLS_SW) -> DPDK cryptodev -> userspace
  *
- * Only the userspace engine exists today; the others plug in behind the same
- * ops table without the protocol code noticing.
- *
  * Return convention for recv/send: > 0 bytes moved; 0 end of stream (recv,
  * after close_notify or TCP FIN); -EAGAIN when blocked, with c->want set to
- * the readiness (OFFLOAD_WANT_READ or OFFLOAD_WANT_WRITE) that unblocks it;
- * any other negative errno is fatal for the session.
+ * what unblocks it: socket readiness (OFFLOAD_WANT_READ, OFFLOAD_WANT_WRITE)
+ * or, for an engine that works asynchronously (DPDK), OFFLOAD_WANT_ENGINE:
+ * the engine calls c->wake once records it holds for the connection have
+ * been through the device. Like SSL_write, a send that returned -EAGAIN is
+ * retried with the same bytes; the engine may already hold them encrypted.
+ * Any other negative errno is fatal for the session.
  */
 #ifndef MAILGW_OFFLOAD_H
 #define MAILGW_OFFLOAD_H
@@ -26,13 +27,31 @@
 
 #include <openssl/ssl.h>
 
-enum offload_want { OFFLOAD_WANT_READ = 1, OFFLOAD_WANT_WRITE = 2 };
+enum offload_want { OFFLOAD_WANT_READ = 1, OFFLOAD_WANT_WRITE = 2, OFFLOAD_WANT_ENGINE = 4 };
 
 /* Engine modes an operator may ask for ([offload] mode). */
-enum offload_request { OFFLOAD_REQ_AUTO, OFFLOAD_REQ_KTLS, OFFLOAD_REQ_USERSPACE };
+enum offload_request { OFFLOAD_REQ_AUTO, OFFLOAD_REQ_KTLS, OFFLOAD_REQ_USERSPACE, OFFLOAD_REQ_DPDK };
 
 /* Where one direction's record crypto really runs (read back from the kernel). */
-enum offload_mode { OFFLOAD_MODE_USERSPACE, OFFLOAD_MODE_KTLS_SW, OFFLOAD_MODE_KTLS_HW };
+enum offload_mode {
+	OFFLOAD_MODE_USERSPACE,
+	OFFLOAD_MODE_KTLS_SW,
+	OFFLOAD_MODE_KTLS_HW,
+	OFFLOAD_MODE_DPDK,
+};
+
+/* Things engines count; the gateway maps them to metrics (offload_set_counter). */
+enum offload_event {
+	OFFLOAD_EV_DPDK_RECORD_TX,   /* records encrypted on the device */
+	OFFLOAD_EV_DPDK_RECORD_RX,   /* records decrypted on the device */
+	OFFLOAD_EV_DPDK_BURST,       /* enqueue bursts */
+	OFFLOAD_EV_DPDK_BAD_MAC,     /* a record failed authentication */
+	OFFLOAD_EV_DPDK_DEVICE_ERR,  /* the device failed an operation */
+	OFFLOAD_EV_DPDK_PEER_ALERT,  /* the peer sent a fatal alert */
+	OFFLOAD_EV_DPDK_PROTOCOL,    /* unexpected record or message from the peer */
+	OFFLOAD_EV_DPDK_KEYUPDATE,   /* TLS 1.3 KeyUpdate received and followed */
+	OFFLOAD_EV_MAX
+};
 
 struct offload_conn {
 	const struct offload_ops *ops;
@@ -45,6 +64,8 @@ struct offload_conn {
 	bool keyupdate;    /* ended by a TLS 1.3 KeyUpdate the kernel cannot follow */
 	bool modes_verified; /* tx_mode/rx_mode read back from the kernel (sock_diag) */
 	void *priv;        /* engine state */
+	/* Set by the owner: called by asynchronous engines (OFFLOAD_WANT_ENGINE). */
+	void (*wake)(struct offload_conn *c);
 	char err[128];     /* last fatal error, for the log */
 };
 
@@ -72,6 +93,7 @@ struct offload_ops {
 
 extern const struct offload_ops offload_userspace;
 extern const struct offload_ops offload_ktls;
+extern const struct offload_ops offload_dpdk;
 
 /*
  * Once per process before any handshake: probe the kernel (loading the tls
@@ -79,6 +101,44 @@ extern const struct offload_ops offload_ktls;
  * kernel TLS is usable.
  */
 bool offload_init(enum offload_request req);
+
+/*
+ * DPDK: start the EAL once, in the process that forks the workers, with
+ * args (whitespace-separated EAL arguments) and check that a cryptodev with
+ * AES-GCM exists. nworkers queue pairs are configured. Returns 0, or -1 with
+ * a message in err.
+ */
+int offload_dpdk_init(const char *args, unsigned nworkers, char *err, size_t errlen);
+/* Description of the device in use ("crypto_aesni_gcm0 (crypto_aesni_gcm), 2 queue pairs"). */
+const char *offload_dpdk_describe(void);
+/*
+ * Queue pairs are held by one worker process each (the EAL heap and the
+ * device are shared by all processes forked from the master). The master
+ * takes one before it forks a worker and gives it back when that worker
+ * is gone: offload_dpdk_take_qp() returns the index or -1 (none free, or
+ * DPDK not started). offload_dpdk_give_qp(): see below.
+ */
+int offload_dpdk_take_qp(void);
+/* clean: the worker exited normally (everything it held was given back). */
+void offload_dpdk_give_qp(int qp, bool clean);
+/*
+ * In the worker after fork, with the queue pair the master took for it.
+ * 0 done (or nothing to do: DPDK not started), -1 with a message in err.
+ */
+int offload_worker_start(int qp, char *err, size_t errlen);
+/*
+ * Once per event-loop turn: submit the records queued since the last turn
+ * in bursts, collect what the device finished and wake the connections
+ * concerned. Returns true while work is still queued or in flight (the
+ * loop should not sleep).
+ */
+bool offload_poll(void);
+/* Records queued or on the device: the event loop must not sleep. */
+bool offload_busy(void);
+
+/* Where engine events are counted (the gateway's stats); NULL: not counted. */
+void offload_set_counter(void (*count)(enum offload_event ev, unsigned long n));
+void offload_count(enum offload_event ev, unsigned long n);
 
 /*
  * NIC TLS offload per interface (ethtool features tls-hw-tx-offload,
@@ -89,7 +149,7 @@ void offload_nic_report(void (*report)(const char *ifname, const char *feature, 
 				       bool active));
 
 /* Per TLS context and per connection, before the handshake. */
-void offload_setup_ctx(enum offload_request req, SSL_CTX *ctx);
+void offload_setup_ctx(enum offload_request req, bool dpdk, SSL_CTX *ctx);
 void offload_prepare(enum offload_request req, SSL *ssl);
 
 /* Attach the best engine for this connection; returns 0 or negative errno. */

@@ -3,7 +3,7 @@
 # Idempotent and quiet when everything is already there.
 set -eu
 
-PKGS="gcc make pkg-config libc6-dev libssl-dev openssl libinih-dev libmicrohttpd-dev
+PKGS="gcc make pkg-config libc6-dev libssl-dev openssl libinih-dev libmicrohttpd-dev libdpdk-dev
 clang llvm libclang-rt-14-dev libbpf-dev libelf-dev zlib1g-dev bpftool
 postfix dovecot-core dovecot-imapd dovecot-pop3d
 swaks curl python3 procps iproute2 ca-certificates strace
