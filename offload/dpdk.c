@@ -77,8 +77,8 @@
 #define DP_RBUF (2 * (DP_HDR + DP_MAX_BODY)) /* two full records */
 #define DP_TX_SLOTS 4
 #define DP_RX_SLOTS 8
-#define DP_MBUFS 1023       /* per queue pair */
-#define DP_OPS 1023
+#define DP_MBUFS 2047       /* per queue pair: 16.6 KiB each */
+#define DP_OPS 2047
 #define DP_SESSIONS 2047
 #define DP_DESCRIPTORS 2048
 #define DP_BURST 64
@@ -155,7 +155,7 @@ struct dp_conn {
 	int fatal;            /* negative errno once the session is over */
 	bool peer_closed, sock_eof, alert_sent;
 	bool wake_pending, starved;
-	struct dp_conn *next_wake;
+	struct dp_conn *next_wake, *next_starved;
 };
 
 struct dp_qp {
@@ -174,9 +174,8 @@ static struct {
 	struct rte_crypto_op *pend[DP_PENDING];
 	unsigned npend;
 	unsigned ondev;     /* enqueued, not yet dequeued */
-	struct dp_conn *wake;
-	struct dp_conn *starved[64];
-	unsigned nstarved;
+	struct dp_conn *wake;     /* connections with results, to wake */
+	struct dp_conn *starved;  /* connections that ran out of buffers or slots */
 } dp = { .qp = -1 };
 
 static void conn_free(struct dp_conn *c);
@@ -616,10 +615,11 @@ static bool room_for_ops(unsigned n)
 
 static void mark_starved(struct dp_conn *c)
 {
-	if (c->starved || dp.nstarved >= sizeof(dp.starved) / sizeof(dp.starved[0]))
+	if (c->starved)
 		return;
 	c->starved = true;
-	dp.starved[dp.nstarved++] = c;
+	c->next_starved = dp.starved;
+	dp.starved = c;
 }
 
 static void want_wake(struct dp_conn *c)
@@ -697,15 +697,13 @@ static unsigned run_device(void)
 static void run_wakes(void)
 {
 	struct dp_conn *c;
-	unsigned i, n;
 
 	/* Buffers came back: connections that ran short get another try. */
-	n = dp.nstarved;
-	for (i = 0; i < n; i++) {
-		dp.starved[i]->starved = false;
-		want_wake(dp.starved[i]);
+	while ((c = dp.starved) != NULL) {
+		dp.starved = c->next_starved;
+		c->starved = false;
+		want_wake(c);
 	}
-	dp.nstarved = 0;
 	while ((c = dp.wake) != NULL) {
 		dp.wake = c->next_wake;
 		c->wake_pending = false;
@@ -716,16 +714,19 @@ static void run_wakes(void)
 
 bool offload_poll(void)
 {
-	if (!dp.ready || (dp.npend == 0 && dp.ondev == 0))
+	if (!dp.ready)
 		return false;
-	if (run_device() || dp.nstarved)
+	if (dp.npend || dp.ondev)
+		run_device();
+	/* Also results collected while a control record was waited for. */
+	if (dp.wake || dp.starved)
 		run_wakes();
-	return dp.npend > 0 || dp.ondev > 0;
+	return offload_busy();
 }
 
 bool offload_busy(void)
 {
-	return dp.npend > 0 || dp.ondev > 0;
+	return dp.npend > 0 || dp.ondev > 0 || dp.wake || dp.starved;
 }
 
 static uint64_t mono_ms(void)
@@ -936,7 +937,10 @@ static int fail(struct dp_conn *c, uint8_t alert, int e, const char *why)
 
 /* --- reading ---------------------------------------------------------------- */
 
-/* Submit complete records from the receive buffer while slots and buffers last. */
+/*
+ * Submit complete records from the receive buffer while slots and buffers
+ * last. 0, 1 when a complete record waits for device buffers, or fatal.
+ */
 static int submit_rx(struct dp_conn *c)
 {
 	bool v13 = c->version == TLS1_3_VERSION;
@@ -971,12 +975,10 @@ static int submit_rx(struct dp_conn *c)
 		}
 		if (avail < DP_HDR + body)
 			break;
-		if (!room_for_ops(1))
-			break;
-		m = rte_pktmbuf_alloc(c->qp->mbufs);
+		m = room_for_ops(1) ? rte_pktmbuf_alloc(c->qp->mbufs) : NULL;
 		if (!m) {
-			mark_starved(c);
-			break;
+			mark_starved(c); /* a whole record waits for buffers */
+			return 1;
 		}
 		d = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)(DP_HDR + body));
 		memcpy(d, h, DP_HDR + body);
@@ -986,7 +988,7 @@ static int submit_rx(struct dp_conn *c)
 		if (!op) {
 			rte_pktmbuf_free(m);
 			mark_starved(c);
-			break;
+			return 1;
 		}
 		op_params(c, &c->rx, op, d, c->rx.seq, body - expl - DP_TAG);
 		c->rx.seq++;
@@ -1171,8 +1173,13 @@ static ssize_t dp_recv(struct offload_conn *oc, void *buf, size_t len)
 			if (!c->rbuf)
 				return set_fatal(c, -ENOMEM, "%s", "out of memory");
 		}
-		if (submit_rx(c) < 0)
+		r = submit_rx(c);
+		if (r < 0)
 			return c->fatal;
+		if (r > 0 && c->rx_count == 0) {
+			oc->want = OFFLOAD_WANT_ENGINE; /* woken when buffers come back */
+			return -EAGAIN;
+		}
 		/* Read more while there is room: the next records decrypt in the same burst. */
 		if (c->rstart > 0 && c->rend - c->rstart < DP_RBUF / 2) {
 			memmove(c->rbuf, c->rbuf + c->rstart, c->rend - c->rstart);
@@ -1338,9 +1345,11 @@ static void dp_detach(struct offload_conn *oc)
 		if (c->rxs[i].state == SLOT_QUEUED)
 			c->rxs[i].m = NULL;
 	if (c->starved) {
-		for (i = 0; i < dp.nstarved; i++)
-			if (dp.starved[i] == c)
-				dp.starved[i] = dp.starved[--dp.nstarved];
+		struct dp_conn **pp = &dp.starved;
+		while (*pp && *pp != c)
+			pp = &(*pp)->next_starved;
+		if (*pp)
+			*pp = c->next_starved;
 	}
 	if (c->wake_pending) {
 		struct dp_conn **pp = &dp.wake;
@@ -1354,26 +1363,6 @@ static void dp_detach(struct offload_conn *oc)
 }
 
 #else /* !MAILGW_HAVE_DPDK */
-
-static int make_pools(unsigned q)
-{
-	struct dp_qp *p = &dp.qps[q];
-	char name[RTE_MEMPOOL_NAMESIZE];
-	int socket = rte_cryptodev_socket_id(dp.dev);
-	uint32_t ssz = rte_cryptodev_sym_get_private_session_size(dp.dev);
-
-	if (socket < 0)
-		socket = 0;
-	snprintf(name, sizeof(name), "mgw_mbuf%u", q);
-	p->mbufs = rte_pktmbuf_pool_create(name, DP_MBUFS, 0, 0,
-					   RTE_PKTMBUF_HEADROOM + DP_HDR + DP_MAX_BODY, socket);
-	snprintf(name, sizeof(name), "mgw_op%u", q);
-	p->ops = rte_crypto_op_pool_create(name, RTE_CRYPTO_OP_TYPE_SYMMETRIC, DP_OPS, 0, OP_PRIV,
-					   socket);
-	snprintf(name, sizeof(name), "mgw_sess%u", q);
-	p->sessions = rte_cryptodev_sym_session_pool_create(name, DP_SESSIONS, ssz, 0, 0, socket);
-	return p->mbufs && p->ops && p->sessions ? 0 : -1;
-}
 
 int offload_dpdk_init(const char *args, unsigned nworkers, char *err, size_t errlen)
 {
