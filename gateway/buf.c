@@ -7,14 +7,33 @@
 #include <stdlib.h>
 #include <string.h>
 
+uint8_t buf_none[1];
+
 int buf_init(struct buf *b, size_t cap)
 {
-	b->data = malloc(cap);
-	if (!b->data)
-		return -ENOMEM;
+	b->data = NULL;
 	b->cap = cap;
 	b->rpos = b->wpos = 0;
 	return 0;
+}
+
+int buf_reserve(struct buf *b)
+{
+	if (!b->data) {
+		b->data = malloc(b->cap);
+		if (!b->data)
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+void buf_release(struct buf *b)
+{
+	if (b->data && b->rpos == b->wpos) {
+		free(b->data);
+		b->data = NULL;
+		b->rpos = b->wpos = 0;
+	}
 }
 
 void buf_free(struct buf *b)
@@ -26,7 +45,7 @@ void buf_free(struct buf *b)
 
 void buf_compact(struct buf *b)
 {
-	if (b->rpos == 0)
+	if (b->rpos == 0 || !b->data)
 		return;
 	if (b->rpos != b->wpos)
 		memmove(b->data, b->data + b->rpos, b->wpos - b->rpos);
@@ -53,6 +72,10 @@ void buf_reset(struct buf *b)
 
 int buf_append(struct buf *b, const void *p, size_t n)
 {
+	if (n == 0)
+		return 0;
+	if (buf_reserve(b) < 0)
+		return -ENOMEM;
 	if (buf_room(b) < n)
 		buf_compact(b);
 	if (buf_room(b) < n)

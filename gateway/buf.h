@@ -5,6 +5,10 @@
  * A buffer never grows: its capacity is fixed when it is created, so a peer
  * can never make the gateway hold more than that. Lines are found in place
  * and handed out as (pointer, length) views; nothing is copied.
+ *
+ * Memory is taken when the first byte needs it (buf_reserve, buf_append)
+ * and can be given back whenever the buffer is empty (buf_release): an idle
+ * session holds no buffer memory at all.
  */
 #ifndef MAILGW_BUF_H
 #define MAILGW_BUF_H
@@ -19,13 +23,21 @@ struct buf {
 	size_t wpos; /* one past the last written byte */
 };
 
+/* Set the capacity; no memory is taken yet. Returns 0. */
 int buf_init(struct buf *b, size_t cap);
 void buf_free(struct buf *b);
+/* Make sure the memory exists before writing through buf_wptr(): 0 or -ENOMEM. */
+int buf_reserve(struct buf *b);
+/* Give the memory back if the buffer is empty. */
+void buf_release(struct buf *b);
 
 static inline size_t buf_len(const struct buf *b) { return b->wpos - b->rpos; }
-static inline uint8_t *buf_rptr(const struct buf *b) { return b->data + b->rpos; }
+/* Where an empty buffer without memory points: valid for zero-length use. */
+extern uint8_t buf_none[1];
+
+static inline uint8_t *buf_rptr(const struct buf *b) { return b->data ? b->data + b->rpos : buf_none; }
 static inline size_t buf_room(const struct buf *b) { return b->cap - b->wpos; }
-static inline uint8_t *buf_wptr(const struct buf *b) { return b->data + b->wpos; }
+static inline uint8_t *buf_wptr(const struct buf *b) { return b->data ? b->data + b->wpos : buf_none; }
 
 /* Move unread bytes to the front so buf_room() is as large as possible. */
 void buf_compact(struct buf *b);

@@ -20,8 +20,10 @@
  * this generality: SSL_read may wait for writability and SSL_write for
  * readability.
  *
- * Memory bound per session: four fixed buffers (see SESS_*_BUF) plus
- * OpenSSL's record buffers, which SSL_MODE_RELEASE_BUFFERS frees when idle.
+ * Memory bound per session: four fixed-capacity buffers (see SESS_*_BUF)
+ * plus OpenSSL's record buffers. Both are taken when data arrives and given
+ * back when the session waits with them empty (buf_release,
+ * SSL_MODE_RELEASE_BUFFERS): an idle session holds neither.
  */
 #define _GNU_SOURCE
 #include "session.h"
@@ -299,6 +301,10 @@ static int fill(struct session *s, struct side *d, struct buf *b)
 			buf_compact(b);
 		if (buf_room(b) == 0)
 			break;
+		if (buf_reserve(b) < 0) {
+			log_sess(LOG_ERROR, s, "out of memory for a relay buffer");
+			return -1;
+		}
 		r = side_read(s, d, buf_wptr(b), buf_room(b));
 		if (r == -EAGAIN)
 			break;
@@ -1069,8 +1075,14 @@ void session_run(struct session *s)
 		r = step(s);
 		if (r < 0)
 			return; /* freed */
-		if (r == 0)
+		if (r == 0) {
+			/* Waiting for the network: empty buffers go back. */
+			buf_release(&s->cin);
+			buf_release(&s->bin);
+			buf_release(&s->cout);
+			buf_release(&s->bout);
 			return;
+		}
 	}
 	/* Still busy: give the other sessions a turn and come back. */
 	worker_schedule(s->w, s);

@@ -208,7 +208,7 @@ static void run_split_case(const struct split_case *c)
 
 /* --- struct buf ---------------------------------------------------------- */
 
-enum buf_opcode { OP_END, OP_APPEND, OP_CONSUME, OP_COMPACT, OP_PRODUCE, OP_RESET };
+enum buf_opcode { OP_END, OP_APPEND, OP_CONSUME, OP_COMPACT, OP_PRODUCE, OP_RESET, OP_RELEASE };
 
 struct buf_op {
 	enum buf_opcode op;
@@ -299,12 +299,25 @@ static const struct buf_case buf_cases[] = {
 		{ OP_CONSUME, NULL, 1, 0, 0, 0, "" },
 		{ OP_APPEND, "b", 0, 0, 0, 1, "b" },
 	} },
+	{ "release gives memory back only when empty", 8, {
+		{ OP_APPEND, "abc", 0, 0, 0, 3, "abc" },
+		{ OP_RELEASE, NULL, 0, 0, 0, 3, "abc" },
+		{ OP_CONSUME, NULL, 3, 0, 0, 0, "" },
+		{ OP_RELEASE, NULL, 0, 0, 0, 0, "" },
+		{ OP_APPEND, "defgh", 0, 0, 0, 5, "defgh" },
+	} },
+	{ "produce after release takes memory again", 4, {
+		{ OP_RELEASE, NULL, 0, 0, 0, 0, "" },
+		{ OP_PRODUCE, "wxyz", 0, 0, 0, 4, "wxyz" },
+		{ OP_CONSUME, NULL, 2, 0, 2, 4, "yz" },
+		{ OP_RELEASE, NULL, 0, 0, 2, 4, "yz" },
+	} },
 };
 
 static const char *op_name(enum buf_opcode op)
 {
 	static const char *const names[] = { "end", "append", "consume", "compact", "produce",
-					     "reset" };
+					     "reset", "release" };
 	return names[op];
 }
 
@@ -322,6 +335,8 @@ static void run_buf_case(const struct buf_case *c)
 	}
 	if (b.cap != c->cap || b.rpos || b.wpos || buf_len(&b) || buf_room(&b) != c->cap)
 		tc_fail(&tc, "fresh buffer: cap %zu rpos %zu wpos %zu", b.cap, b.rpos, b.wpos);
+	if (b.data)
+		tc_fail(&tc, "fresh buffer already holds memory (it is taken on first use)");
 	for (i = 0; i < N_ELEMS(c->ops) && c->ops[i].op != OP_END; i++) {
 		const struct buf_op *o = &c->ops[i];
 		size_t n = o->data ? (o->n ? o->n : strlen(o->data)) : o->n;
@@ -343,11 +358,21 @@ static void run_buf_case(const struct buf_case *c)
 				tc_fail(&tc, "step %zu: no room to produce %zu", i + 1, n);
 				goto out;
 			}
+			if (buf_reserve(&b) < 0) {
+				tc_fail(&tc, "step %zu: buf_reserve failed", i + 1);
+				goto out;
+			}
 			memcpy(buf_wptr(&b), o->data, n);
 			buf_produce(&b, n);
 			break;
 		case OP_RESET:
 			buf_reset(&b);
+			break;
+		case OP_RELEASE:
+			buf_release(&b);
+			if ((b.data == NULL) != (buf_len(&b) == 0))
+				tc_fail(&tc, "step %zu: release with %zu unread bytes left memory %s",
+					i + 1, buf_len(&b), b.data ? "held" : "freed");
 			break;
 		case OP_END:
 			break;
