@@ -211,8 +211,17 @@ void offload_setup_ctx(enum offload_request req, bool dpdk, SSL_CTX *ctx)
 	 * log line per secret for the callback, which costs about 3% of a
 	 * handshake, and the secrets are best not formatted at all.
 	 */
-	if (wants_ktls(req) || (dpdk && (req == OFFLOAD_REQ_AUTO || req == OFFLOAD_REQ_DPDK)))
+	if (wants_ktls(req) || (dpdk && (req == OFFLOAD_REQ_AUTO || req == OFFLOAD_REQ_DPDK))) {
 		SSL_CTX_set_keylog_callback(ctx, keylog_cb);
+		return;
+	}
+	/*
+	 * OpenSSL keeps every record: let it read ahead (one read() for
+	 * several records instead of header and body apart). Engines that
+	 * take over the socket need OpenSSL to stop at the handshake's end,
+	 * so this is only for sessions that stay in userspace.
+	 */
+	SSL_CTX_set_read_ahead(ctx, 1);
 }
 
 void offload_prepare(enum offload_request req, SSL *ssl)
