@@ -11,6 +11,11 @@
  *              or down (sink's XSRC) in a loop
  *   idle       open CONNS sessions (ramping RAMP at a time), print "ready", hold
  *
+ * -W SECONDS (not idle): open the connections and run for SECONDS without
+ * counting, then print "measuring" (once every connection has finished its
+ * handshake), zero the counters and run DURATION more; the result then covers
+ * only that window, so long sessions are measured without their set-up.
+ *
  * Output: one "info" line about the negotiated TLS parameters, then one
  * "result key=value ..." line. */
 #define _GNU_SOURCE
@@ -73,6 +78,7 @@ static int up_dir;       /* bulk: 1 up, 0 down */
 static int nconns = 32, ramp = 100;
 static double duration = 5;
 static double hold = 0;
+static double warm = 0;  /* -W */
 static uint64_t msg_size = 0;
 static struct sockaddr_in dst;
 
@@ -86,6 +92,7 @@ static size_t body_len;
 static char bdat_cmd[64], xsrc_cmd[64];
 
 static uint64_t ops, errors, resumed_ok, handshakes, bytes, msgs;
+static uint64_t hs_total; /* handshakes since start, never zeroed */
 static double *lat;
 static size_t nlat, caplat;
 static int stopping, info_done, held, in_setup;
@@ -326,6 +333,7 @@ static int drive(struct conn *c, uint32_t evmask)
                 return -1;
             }
             handshakes++;
+            hs_total++;
             if (SSL_session_reused(c->ssl)) resumed_ok++;
             record_info(c);
             c->started_step = 0;
@@ -469,7 +477,8 @@ static void usage(void)
     fprintf(stderr,
         "usage: loadgen -p PORT [-h 127.0.0.1] [-P smtp|imap] [-t implicit|starttls|none]\n"
         "       [-m handshake|resumed|txn|bulk|idle] [-c CONNS] [-d SECONDS]\n"
-        "       [-s BYTES] [-u] (bulk upload; default download) [-r RAMP] [-H HOLD_SECONDS]\n");
+        "       [-s BYTES] [-u] (bulk upload; default download) [-r RAMP] [-H HOLD_SECONDS]\n"
+        "       [-W WARM_SECONDS] (count only after WARM_SECONDS, see the top of loadgen.c)\n");
     exit(2);
 }
 
@@ -477,7 +486,7 @@ int main(int argc, char **argv)
 {
     const char *host = "127.0.0.1";
     int port = 0, opt;
-    while ((opt = getopt(argc, argv, "h:p:P:t:m:c:d:s:ur:H:")) != -1) {
+    while ((opt = getopt(argc, argv, "h:p:P:t:m:c:d:s:ur:H:W:")) != -1) {
         switch (opt) {
         case 'h': host = optarg; break;
         case 'p': port = atoi(optarg); break;
@@ -497,6 +506,7 @@ int main(int argc, char **argv)
         case 'u': up_dir = 1; break;
         case 'r': ramp = atoi(optarg); break;
         case 'H': hold = atof(optarg); break;
+        case 'W': warm = atof(optarg); break;
         default: usage();
         }
     }
@@ -556,6 +566,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < nconns; i++) conns[i].fd = -1;
 
     double t_start = now(), t_end = t_start + duration, t_ready = 0;
+    int counting = mode == M_IDLE || warm <= 0;
     int next = 0; /* idle: next connection slot to open */
     if (mode == M_IDLE) {
         for (; next < nconns && in_setup < ramp; next++)
@@ -577,6 +588,20 @@ int main(int argc, char **argv)
             }
             if (t_ready && t - t_ready >= hold) break;
             if (!t_ready && t - t_start > 300) { fprintf(stderr, "loadgen: idle set-up timed out\n"); break; }
+        } else if (!counting) {
+            /* every connection past its handshake, or give up waiting after 30 s */
+            int all = hs_total >= (uint64_t)nconns || !tls_mode;
+            if (t - t_start >= warm && (all || t - t_start > warm + 30)) {
+                if (!all) fprintf(stderr, "loadgen: only %llu of %d handshakes done after warm-up\n",
+                                  (unsigned long long)hs_total, nconns);
+                ops = resumed_ok = handshakes = bytes = msgs = 0;
+                nlat = 0;
+                counting = 1;
+                t_start = t;
+                t_end = t + duration;
+                printf("measuring\n");
+                fflush(stdout);
+            }
         } else if (t >= t_end) {
             break;
         }
