@@ -244,6 +244,9 @@ int offload_dpdk_init(const char *args, unsigned nworkers, char *err, size_t err
 	}
 	argv[argc++] = (char *)"mailgw";
 	argv[argc++] = (char *)"--log-level=warning"; /* the operator's args may override */
+	/* No telemetry socket: mailgw reports through its own /metrics. */
+	if (!strstr(copy, "--telemetry"))
+		argv[argc++] = (char *)"--no-telemetry";
 	for (tok = strtok_r(copy, " \t", &save); tok; tok = strtok_r(NULL, " \t", &save)) {
 		if (argc >= (int)(sizeof(argv) / sizeof(argv[0])) - 1) {
 			snprintf(err, errlen, "dpdk_args: more than 60 arguments");
@@ -1117,6 +1120,8 @@ static ssize_t deliver(struct dp_conn *c, uint8_t *out, size_t len)
 			pop_rx(c, false);
 			continue;
 		}
+		if (got && s->state != SLOT_DONE)
+			break; /* what came before the bad record first, like OpenSSL */
 		if (s->state == SLOT_FAILED) {
 			offload_count(OFFLOAD_EV_DPDK_BAD_MAC, 1);
 			return fail(c, ALERT_BAD_RECORD_MAC, -EBADMSG,
@@ -1126,7 +1131,7 @@ static ssize_t deliver(struct dp_conn *c, uint8_t *out, size_t len)
 			return fail(c, ALERT_INTERNAL_ERROR, -EIO,
 				    "crypto device failed to decrypt a record");
 		if (process_head(c) < 0)
-			return c->fatal;
+			return got ? (ssize_t)got : c->fatal; /* the error comes next time */
 		if (s->type == REC_APPDATA && s->done_len < s->plain_len) {
 			size_t n = s->plain_len - s->done_len;
 			if (n > len - got)
