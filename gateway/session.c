@@ -54,7 +54,7 @@
 #include "util.h"
 #include "worker.h"
 
-#define SESS_RELAY_BUF (16 * 1024) /* one full TLS record */
+#define SESS_RELAY_BUF (64 * 1024) /* four full TLS records per read or write */
 #define SESS_CTRL_BUF (8 * 1024)   /* gateway replies, filtered capability replies */
 #define SESS_CLOSE_LINGER_MS 5000  /* time to flush a last reply */
 #define SESS_RUN_BUDGET 64         /* steps per turn before yielding to others */

@@ -222,6 +222,8 @@ void offload_setup_ctx(enum offload_request req, bool dpdk, SSL_CTX *ctx)
 	 * so this is only for sessions that stay in userspace.
 	 */
 	SSL_CTX_set_read_ahead(ctx, 1);
+	/* Four full records per read(); the buffer goes when the session idles. */
+	SSL_CTX_set_default_read_buffer_len(ctx, 4 * (SSL3_RT_MAX_PLAIN_LENGTH + 512));
 }
 
 void offload_prepare(enum offload_request req, SSL *ssl)
