@@ -740,6 +740,16 @@ static uint64_t mono_ms(void)
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+void offload_drain(void)
+{
+	uint64_t deadline = mono_ms() + 1000;
+
+	while (dp.ready && (dp.npend || dp.ondev) && mono_ms() < deadline)
+		run_device();
+	dp.wake = NULL; /* no session is left to wake */
+	dp.starved = NULL;
+}
+
 /* Run the device until *state leaves SLOT_QUEUED (control records, draining). */
 static bool wait_slot(const uint8_t *state)
 {
@@ -1384,6 +1394,7 @@ int offload_worker_start(int qp, char *err, size_t errlen) { (void)qp; (void)err
 bool offload_dpdk_usable(void) { return false; }
 bool offload_poll(void) { return false; }
 bool offload_busy(void) { return false; }
+void offload_drain(void) {}
 static bool dp_available(void) { return false; }
 static int dp_attach(struct offload_conn *oc) { (void)oc; return -ENOTSUP; }
 static ssize_t dp_recv(struct offload_conn *oc, void *b, size_t n) { (void)oc; (void)b; (void)n; return -EIO; }

@@ -135,6 +135,9 @@ int offload_worker_start(int qp, char *err, size_t errlen);
 bool offload_poll(void);
 /* Records queued or on the device: the event loop must not sleep. */
 bool offload_busy(void);
+/* A worker on its way out: let the device finish (1 s at most) so the state
+ * of sessions already closed is freed. */
+void offload_drain(void);
 
 /* Where engine events are counted (the gateway's stats); NULL: not counted. */
 void offload_set_counter(void (*count)(enum offload_event ev, unsigned long n));
