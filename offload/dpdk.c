@@ -971,10 +971,14 @@ static int submit_rx(struct dp_conn *c)
 		if (avail < DP_HDR)
 			break;
 		body = (size_t)h[3] << 8 | h[4];
-		if (h[1] != 0x03 || h[2] != 0x03)
+		if (h[1] != 0x03 || h[2] != 0x03) {
+			offload_count(OFFLOAD_EV_DPDK_PROTOCOL, 1);
 			return fail(c, ALERT_DECODE_ERROR, -EPROTO, "record with a bad version");
-		if (body > DP_MAX_BODY)
+		}
+		if (body > DP_MAX_BODY) {
+			offload_count(OFFLOAD_EV_DPDK_PROTOCOL, 1);
 			return fail(c, ALERT_RECORD_OVERFLOW, -EPROTO, "record over 2^14+256 bytes");
+		}
 		if (v13 ? h[0] != REC_APPDATA : (h[0] != REC_APPDATA && h[0] != REC_ALERT)) {
 			offload_count(OFFLOAD_EV_DPDK_PROTOCOL, 1);
 			return fail(c, ALERT_UNEXPECTED_MESSAGE, -EPROTO,
@@ -1078,8 +1082,10 @@ static int process_head(struct dp_conn *c)
 		s->type = p[n - 1];
 		s->plain_len = (uint32_t)(n - 1);
 	}
-	if (s->plain_len > DP_MAX_PLAIN)
+	if (s->plain_len > DP_MAX_PLAIN) {
+		offload_count(OFFLOAD_EV_DPDK_PROTOCOL, 1);
 		return fail(c, ALERT_RECORD_OVERFLOW, -EPROTO, "plaintext over 2^14 bytes");
+	}
 	switch (s->type) {
 	case REC_APPDATA:
 		return 0;

@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <openssl/crypto.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -97,8 +98,12 @@ int offload_attach(enum offload_request req, struct offload_conn *c)
 
 		if (!allowed(req, ops))
 			continue;
-		if (ops->available && !ops->available())
+		if (ops->available && !ops->available()) {
+			snprintf(c->err, sizeof(c->err), "%s",
+				 ops == &offload_dpdk ? "no DPDK crypto device queue pair in this worker" :
+							"kernel has no TLS support (tls module)");
 			continue;
+		}
 		rc = ops->attach(c);
 		if (rc == 0) {
 			c->ops = ops;
