@@ -27,9 +27,9 @@
  * Memory: the EAL heap is a shared mapping, inherited by the forked
  * workers, so every pool is created by the master before it forks, one set
  * per queue pair, and a worker process takes a queue pair nobody else holds
- * (offload_dpdk_assign). Pools have no per-lcore cache: every process runs
+ * (offload_dpdk_take_qp). Pools have no per-lcore cache: every process runs
  * as the same lcore. Per connection: up to DP_TX_SLOTS records encrypted
- * ahead, DP_RX_SLOTS records decrypting, and a receive buffer of two full
+ * ahead, DP_RX_SLOTS records decrypting, and a receive buffer of four full
  * records, released when empty.
  *
  * Control: alerts and close_notify are encrypted and written synchronously
@@ -74,7 +74,7 @@
 #define DP_HDR 5
 #define DP_TAG 16
 #define DP_EXPLICIT 8                        /* TLS 1.2 GCM explicit nonce */
-#define DP_RBUF (2 * (DP_HDR + DP_MAX_BODY)) /* two full records */
+#define DP_RBUF (4 * (DP_HDR + DP_MAX_BODY)) /* four full records: reads as large as the relay buffers */
 #define DP_TX_SLOTS 4
 #define DP_RX_SLOTS 8
 #define DP_MBUFS 2047       /* per queue pair: 16.6 KiB each */
@@ -1232,7 +1232,7 @@ static ssize_t dp_recv(struct offload_conn *oc, void *buf, size_t len)
 				return set_fatal(c, -EPIPE, "%s", "connection closed inside a record");
 			return 0;
 		}
-		/* Buffer full of a partial record cannot happen (DP_RBUF holds two). */
+		/* A full buffer always holds a complete record (DP_RBUF holds four). */
 		oc->want = OFFLOAD_WANT_ENGINE;
 		mark_starved(c);
 		return -EAGAIN;
