@@ -99,9 +99,10 @@ int offload_attach(enum offload_request req, struct offload_conn *c)
 		if (!allowed(req, ops))
 			continue;
 		if (ops->available && !ops->available()) {
-			snprintf(c->err, sizeof(c->err), "%s",
-				 ops == &offload_dpdk ? "no DPDK crypto device queue pair in this worker" :
-							"kernel has no TLS support (tls module)");
+			/* The first engine's reason is the one worth logging. */
+			if (ops == &offload_dpdk && !c->err[0])
+				snprintf(c->err, sizeof(c->err),
+					 "no DPDK crypto device queue pair in this worker");
 			continue;
 		}
 		rc = ops->attach(c);
