@@ -99,6 +99,20 @@ static void labelled(struct out *o, const char *name, const char *label, const l
 			    label, tab[k].value, (unsigned long long)stats_lsum(i, tab[k].id));
 }
 
+/* Gateway-wide counters (no listener label), one series per label value. */
+typedef struct {
+	const char *value;
+	enum stat_id id;
+} glv;
+
+static void gateway_labelled(struct out *o, const char *name, const char *label, const glv *tab,
+			     size_t n)
+{
+	for (size_t k = 0; k < n; k++)
+		put(o, "%s{%s=\"%s\"} %llu\n", name, label, tab[k].value,
+		    (unsigned long long)stats_sum(tab[k].id));
+}
+
 /* eBPF classifier counters, read from its pinned per-CPU maps. */
 struct bpf_sample {
 	char family[24];
@@ -183,6 +197,12 @@ char *metrics_render(size_t *len)
 	static const lv starttls[] = { { "ok", LS_starttls_ok }, { "rejected", LS_starttls_rejected } };
 	static const lv bytes[] = { { "client_to_backend", LS_bytes_client_to_backend },
 				    { "backend_to_client", LS_bytes_backend_to_client } };
+	static const glv dpdk_records[] = { { "tx", STAT_dpdk_records_tx },
+					    { "rx", STAT_dpdk_records_rx } };
+	static const glv dpdk_errors[] = {
+		{ "bad_record_mac", STAT_dpdk_bad_mac }, { "device", STAT_dpdk_device_error },
+		{ "peer_alert", STAT_dpdk_peer_alert }, { "protocol", STAT_dpdk_protocol_error },
+	};
 	static const struct { const char *mode, *dir; int id; } offload[] = {
 		{ "ktls_hw", "tx", STAT_offload_ktls_hw_tx }, { "ktls_hw", "rx", STAT_offload_ktls_hw_rx },
 		{ "ktls_sw", "tx", STAT_offload_ktls_sw_tx }, { "ktls_sw", "rx", STAT_offload_ktls_sw_rx },
@@ -264,23 +284,13 @@ char *metrics_render(size_t *len)
 	put(&o, "mailgw_dpdk_fallback_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_fallback));
 	family(&o, "mailgw_dpdk_records_total", "counter",
 	       "TLS records through the DPDK crypto device, by direction (tx: encrypted, rx: decrypted).");
-	put(&o, "mailgw_dpdk_records_total{direction=\"tx\"} %llu\n",
-	    (unsigned long long)stats_sum(STAT_dpdk_records_tx));
-	put(&o, "mailgw_dpdk_records_total{direction=\"rx\"} %llu\n",
-	    (unsigned long long)stats_sum(STAT_dpdk_records_rx));
+	gateway_labelled(&o, "mailgw_dpdk_records_total", "direction", dpdk_records, 2);
 	family(&o, "mailgw_dpdk_bursts_total", "counter",
 	       "Enqueue bursts to the DPDK crypto device (records per burst = records / bursts).");
 	put(&o, "mailgw_dpdk_bursts_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_bursts));
 	family(&o, "mailgw_dpdk_errors_total", "counter",
 	       "Sessions ended by the DPDK engine: bad_record_mac, device, peer_alert, protocol.");
-	put(&o, "mailgw_dpdk_errors_total{reason=\"bad_record_mac\"} %llu\n",
-	    (unsigned long long)stats_sum(STAT_dpdk_bad_mac));
-	put(&o, "mailgw_dpdk_errors_total{reason=\"device\"} %llu\n",
-	    (unsigned long long)stats_sum(STAT_dpdk_device_error));
-	put(&o, "mailgw_dpdk_errors_total{reason=\"peer_alert\"} %llu\n",
-	    (unsigned long long)stats_sum(STAT_dpdk_peer_alert));
-	put(&o, "mailgw_dpdk_errors_total{reason=\"protocol\"} %llu\n",
-	    (unsigned long long)stats_sum(STAT_dpdk_protocol_error));
+	gateway_labelled(&o, "mailgw_dpdk_errors_total", "reason", dpdk_errors, 4);
 	family(&o, "mailgw_dpdk_keyupdates_total", "counter",
 	       "TLS 1.3 KeyUpdate messages followed by the DPDK engine (new receive keys).");
 	put(&o, "mailgw_dpdk_keyupdates_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_keyupdate));
