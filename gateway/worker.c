@@ -277,11 +277,11 @@ void worker_main(unsigned idx, const struct config *cfg, struct tls_ctx *tls, co
 			session_reap(&w);
 			if (w.nsessions == 0) {
 				log_debug("worker %u done", idx);
-				offload_drain();
+				bool drained = offload_drain();
 				/* exit(), not _exit(): the sanitizer build checks for leaks here. */
 				close(w.epfd);
 				close(w.sigfd);
-				exit(0);
+				exit(drained ? 0 : 3);
 			}
 		}
 	}

@@ -83,7 +83,7 @@
 #define DP_DESCRIPTORS 2048
 #define DP_BURST 64
 #define DP_PENDING 4096     /* operations queued for the next burst, per worker */
-#define DP_SYNC_MS 200      /* longest wait for a control record */
+#define DP_SYNC_MS 50       /* longest wait for a control record */
 
 #define REC_CCS 20
 #define REC_ALERT 21
@@ -145,6 +145,8 @@ struct dp_conn {
 	struct dp_keys tx, rx;
 	struct slot txs[DP_TX_SLOTS];
 	unsigned tx_head, tx_count;
+	uint8_t *txq;         /* encrypted records parked while the client is not reading */
+	size_t txq_len, txq_off;
 	size_t tx_accepted;   /* plaintext bytes the queued TX records carry */
 	bool send_keyupdate;  /* answer the peer's update_requested */
 	struct slot rxs[DP_RX_SLOTS];
@@ -176,9 +178,11 @@ static struct {
 	unsigned ondev;     /* enqueued, not yet dequeued */
 	struct dp_conn *wake;     /* connections with results, to wake */
 	struct dp_conn *starved;  /* connections that ran out of buffers or slots */
+	bool freed;               /* buffers went back to the pools since the last wake */
 } dp = { .qp = -1 };
 
 static void conn_free(struct dp_conn *c);
+static uint64_t mono_ms(void);
 
 /* --- EAL and device ------------------------------------------------------- */
 
@@ -347,11 +351,16 @@ void offload_dpdk_give_qp(int qp, bool clean)
 	if (qp < 0 || qp >= dp.nqp)
 		return;
 	dp.taken[qp] = false;
-	/* Nothing the device still holds for the dead process is wanted. */
-	while (rte_cryptodev_dequeue_burst(dp.dev, (uint16_t)qp, ops, DP_BURST) > 0)
-		;
 	if (clean)
 		return;
+	/* Nothing the device still holds for the dead process is wanted; a
+	 * lookaside device may still be working on it, so wait a little. */
+	{
+		uint64_t quiet = mono_ms() + 20;
+		while (mono_ms() < quiet)
+			if (rte_cryptodev_dequeue_burst(dp.dev, (uint16_t)qp, ops, DP_BURST) > 0)
+				quiet = mono_ms() + 20;
+	}
 	/*
 	 * A worker that died may have held buffers and sessions: the only
 	 * way to have them back is new pools (the master is the only process
@@ -387,6 +396,11 @@ int offload_worker_start(int qp, char *err, size_t errlen)
 bool offload_dpdk_usable(void)
 {
 	return dp.ready;
+}
+
+unsigned offload_dpdk_buffers_in_use(void)
+{
+	return dp.ready ? rte_mempool_in_use_count(dp.qps[dp.qp].mbufs) : 0;
 }
 
 static bool dp_available(void)
@@ -643,22 +657,25 @@ static void complete(struct rte_crypto_op *op)
 		     op->status == RTE_CRYPTO_OP_STATUS_AUTH_FAILED ? SLOT_FAILED :
 								      SLOT_DEVERR;
 	struct rte_mbuf *m = op->sym->m_src;
+	uint8_t dir = meta->dir, slot = meta->slot;
 
 	if (st == SLOT_DEVERR)
 		offload_count(OFFLOAD_EV_DPDK_DEVICE_ERR, 1);
 	rte_crypto_op_free(op);
+	dp.freed = true;
 	c->inflight--;
 	if (!c->oc) {
 		rte_pktmbuf_free(m); /* the connection is gone */
+		dp.freed = true;
 		if (c->inflight == 0)
 			conn_free(c);
 		return;
 	}
-	if (meta->dir == 0) {
-		c->txs[meta->slot].state = st;
+	if (dir == 0) {
+		c->txs[slot].state = st;
 		offload_count(OFFLOAD_EV_DPDK_RECORD_TX, 1);
 	} else {
-		c->rxs[meta->slot].state = st;
+		c->rxs[slot].state = st;
 		offload_count(OFFLOAD_EV_DPDK_RECORD_RX, 1);
 	}
 	want_wake(c);
@@ -702,11 +719,12 @@ static void run_wakes(void)
 	struct dp_conn *c;
 
 	/* Buffers came back: connections that ran short get another try. */
-	while ((c = dp.starved) != NULL) {
+	while (dp.freed && (c = dp.starved) != NULL) {
 		dp.starved = c->next_starved;
 		c->starved = false;
 		want_wake(c);
 	}
+	dp.freed = false;
 	while ((c = dp.wake) != NULL) {
 		dp.wake = c->next_wake;
 		c->wake_pending = false;
@@ -722,14 +740,16 @@ bool offload_poll(void)
 	if (dp.npend || dp.ondev)
 		run_device();
 	/* Also results collected while a control record was waited for. */
-	if (dp.wake || dp.starved)
+	if (dp.wake || (dp.starved && dp.freed))
 		run_wakes();
 	return offload_busy();
 }
 
 bool offload_busy(void)
 {
-	return dp.npend > 0 || dp.ondev > 0 || dp.wake || dp.starved;
+	/* Starved connections alone do not keep the loop awake: they wait
+	 * until some buffer is freed, by a completion or a session. */
+	return dp.npend > 0 || dp.ondev > 0 || dp.wake || (dp.starved && dp.freed);
 }
 
 static uint64_t mono_ms(void)
@@ -740,7 +760,7 @@ static uint64_t mono_ms(void)
 	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-void offload_drain(void)
+bool offload_drain(void)
 {
 	uint64_t deadline = mono_ms() + 1000;
 
@@ -748,13 +768,12 @@ void offload_drain(void)
 		run_device();
 	dp.wake = NULL; /* no session is left to wake */
 	dp.starved = NULL;
+	return !dp.npend && !dp.ondev;
 }
 
 /* Run the device until *state leaves SLOT_QUEUED (control records, draining). */
-static bool wait_slot(const uint8_t *state)
+static bool wait_slot(const uint8_t *state, uint64_t deadline)
 {
-	uint64_t deadline = mono_ms() + DP_SYNC_MS;
-
 	while (*state == SLOT_QUEUED) {
 		run_device();
 		if (*state != SLOT_QUEUED)
@@ -782,8 +801,61 @@ static int set_fatal(struct dp_conn *c, int e, const char *fmt, const char *what
  * 1 when no record is left, 0 when blocked on the device, -EAGAIN when the
  * socket is full, negative errno on failure.
  */
+static int write_err(struct dp_conn *c)
+{
+	if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+		return -EAGAIN;
+	return set_fatal(c, errno == EPIPE || errno == ECONNRESET ? -EPIPE : -errno, "%s",
+			 strerror(errno));
+}
+
+/*
+ * The client is not reading: move the encrypted records at the head out of
+ * their device buffers into the connection's own queue, so that a slow or
+ * stalled client never holds the worker's shared buffers.
+ */
+static void park(struct dp_conn *c)
+{
+	while (c->tx_count) {
+		struct slot *s = &c->txs[c->tx_head];
+		size_t n = s->rec_len - s->done_len;
+		uint8_t *q;
+
+		if (s->state != SLOT_DONE)
+			break;
+		q = realloc(c->txq, c->txq_len + n);
+		if (!q)
+			break; /* keep the buffer; it goes when the socket takes it */
+		c->txq = q;
+		memcpy(c->txq + c->txq_len, rte_pktmbuf_mtod_offset(s->m, uint8_t *, s->done_len), n);
+		c->txq_len += n;
+		rte_pktmbuf_free(s->m);
+		dp.freed = true;
+		s->m = NULL;
+		s->state = SLOT_FREE;
+		c->tx_head = (c->tx_head + 1) % DP_TX_SLOTS;
+		c->tx_count--;
+	}
+}
+
 static int write_out(struct dp_conn *c)
 {
+	/* Parked records first: they precede everything still in slots. */
+	while (c->txq_len > c->txq_off) {
+		ssize_t w = write(c->oc->fd, c->txq + c->txq_off, c->txq_len - c->txq_off);
+		if (w < 0) {
+			int r = write_err(c);
+			if (r == -EAGAIN)
+				park(c);
+			return r;
+		}
+		c->txq_off += (size_t)w;
+	}
+	if (c->txq) {
+		free(c->txq);
+		c->txq = NULL;
+		c->txq_len = c->txq_off = 0;
+	}
 	while (c->tx_count) {
 		struct iovec iov[DP_TX_SLOTS];
 		unsigned i, k = 0;
@@ -793,9 +865,8 @@ static int write_out(struct dp_conn *c)
 			struct slot *s = &c->txs[(c->tx_head + i) % DP_TX_SLOTS];
 			if (s->state == SLOT_QUEUED)
 				break;
-			if (s->state != SLOT_DONE) {
+			if (s->state != SLOT_DONE)
 				return set_fatal(c, -EIO, "%s", "crypto device failed to encrypt a record");
-			}
 			iov[k].iov_base = rte_pktmbuf_mtod_offset(s->m, uint8_t *, s->done_len);
 			iov[k].iov_len = s->rec_len - s->done_len;
 			k++;
@@ -804,10 +875,10 @@ static int write_out(struct dp_conn *c)
 			return 0;
 		w = writev(c->oc->fd, iov, (int)k);
 		if (w < 0) {
-			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-				return -EAGAIN;
-			return set_fatal(c, errno == EPIPE || errno == ECONNRESET ? -EPIPE : -errno,
-					 "%s", strerror(errno));
+			int r = write_err(c);
+			if (r == -EAGAIN)
+				park(c);
+			return r;
 		}
 		while (w > 0) {
 			struct slot *s = &c->txs[c->tx_head];
@@ -818,6 +889,7 @@ static int write_out(struct dp_conn *c)
 			}
 			w -= (ssize_t)left;
 			rte_pktmbuf_free(s->m);
+			dp.freed = true;
 			s->m = NULL;
 			s->state = SLOT_FREE;
 			c->tx_head = (c->tx_head + 1) % DP_TX_SLOTS;
@@ -872,16 +944,18 @@ static ssize_t dp_send(struct offload_conn *oc, const void *buf, size_t len)
 
 	if (c->fatal)
 		return c->fatal;
-	if (c->tx_count) {
+	if (c->tx_count || c->txq_len) {
 		r = write_out(c);
 		if (r < 0 && r != -EAGAIN)
 			return r;
-		if (c->tx_count == 0 && c->tx_accepted) {
+		if (c->tx_count == 0 && c->txq_len == 0 && c->tx_accepted) {
 			size_t n = c->tx_accepted;
 			c->tx_accepted = 0;
-			return (ssize_t)(n < len ? n : len);
+			if (n > len) /* the retry must offer at least the bytes already sent */
+				return set_fatal(c, -EINVAL, "%s", "send retried with fewer bytes");
+			return (ssize_t)n;
 		}
-		if (c->tx_count) {
+		if (c->tx_count || c->txq_len) {
 			oc->want = r == -EAGAIN ? OFFLOAD_WANT_WRITE : OFFLOAD_WANT_ENGINE;
 			return -EAGAIN;
 		}
@@ -914,11 +988,12 @@ static ssize_t dp_send(struct offload_conn *oc, const void *buf, size_t len)
  */
 static int send_control(struct dp_conn *c, uint8_t type, const uint8_t *p, size_t n)
 {
+	uint64_t deadline = mono_ms() + DP_SYNC_MS; /* for the whole record */
 	unsigned i;
 
 	/* Records already encrypted go first, in order. */
 	for (i = 0; i < c->tx_count; i++)
-		if (!wait_slot(&c->txs[(c->tx_head + i) % DP_TX_SLOTS].state))
+		if (!wait_slot(&c->txs[(c->tx_head + i) % DP_TX_SLOTS].state, deadline))
 			return -1;
 	if (write_out(c) != 1)
 		return -1;
@@ -926,7 +1001,7 @@ static int send_control(struct dp_conn *c, uint8_t type, const uint8_t *p, size_
 		c->tx_accepted = 0;
 	if (queue_record(c, type, p, n) < 0)
 		return -1;
-	if (!wait_slot(&c->txs[c->tx_head].state))
+	if (!wait_slot(&c->txs[c->tx_head].state, deadline))
 		return -1;
 	return write_out(c) == 1 ? 0 : -1;
 }
@@ -998,6 +1073,10 @@ static int submit_rx(struct dp_conn *c)
 			return 1;
 		}
 		d = (uint8_t *)rte_pktmbuf_append(m, (uint16_t)(DP_HDR + body));
+		if (!d) {
+			rte_pktmbuf_free(m);
+			return fail(c, ALERT_INTERNAL_ERROR, -EIO, "record larger than a device buffer");
+		}
 		memcpy(d, h, DP_HDR + body);
 		idx = (c->rx_head + c->rx_count) % DP_RX_SLOTS;
 		op = new_op(c, m, c->rx.sess[c->rx.epoch & 1], (uint32_t)(DP_HDR + expl),
@@ -1034,6 +1113,7 @@ static void pop_rx(struct dp_conn *c, bool consumed)
 		c->rsub -= s->rec_len;
 	}
 	rte_pktmbuf_free(s->m);
+	dp.freed = true;
 	memset(s, 0, sizeof(*s));
 	c->rx_head = (c->rx_head + 1) % DP_RX_SLOTS;
 	c->rx_count--;
@@ -1073,6 +1153,10 @@ static int process_head(struct dp_conn *c)
 	s->processed = true;
 	if (c->version == TLS1_3_VERSION) {
 		size_t n = s->plain_len;
+		if (n > DP_MAX_PLAIN + 1) { /* RFC 8446 §5.4: content, type, padding */
+			offload_count(OFFLOAD_EV_DPDK_PROTOCOL, 1);
+			return fail(c, ALERT_RECORD_OVERFLOW, -EPROTO, "inner plaintext over 2^14+1 bytes");
+		}
 		while (n > 0 && p[n - 1] == 0)
 			n--;
 		if (n == 0) {
@@ -1125,7 +1209,7 @@ static ssize_t deliver(struct dp_conn *c, uint8_t *out, size_t len)
 {
 	size_t got = 0;
 
-	while (c->rx_count && got < len) {
+	while (c->rx_count && got < len && !c->peer_closed) {
 		struct slot *s = &c->rxs[c->rx_head];
 
 		if (s->state == SLOT_QUEUED)
@@ -1275,6 +1359,7 @@ static void conn_free(struct dp_conn *c)
 		if (c->rxs[i].m && c->rxs[i].state != SLOT_QUEUED)
 			rte_pktmbuf_free(c->rxs[i].m);
 	free(c->rbuf);
+	free(c->txq);
 	OPENSSL_cleanse(c, sizeof(*c));
 	free(c);
 }
@@ -1290,6 +1375,11 @@ static int dp_attach(struct offload_conn *oc)
 
 	if (!dp.ready)
 		return -ENOTSUP;
+	/* Room for this session's keys and a KeyUpdate each way (4), and others'. */
+	if (rte_mempool_avail_count(dp.qps[dp.qp].sessions) < 16) {
+		snprintf(oc->err, sizeof(oc->err), "DPDK session pool exhausted in this worker");
+		return -ENOTSUP;
+	}
 	if (nid != NID_aes_128_gcm && nid != NID_aes_256_gcm) {
 		snprintf(oc->err, sizeof(oc->err), "cipher %s not supported by the DPDK engine",
 			 ci ? SSL_CIPHER_get_name(ci) : "?");
@@ -1398,9 +1488,10 @@ int offload_dpdk_take_qp(void) { return -1; }
 void offload_dpdk_give_qp(int qp, bool clean) { (void)qp; (void)clean; }
 int offload_worker_start(int qp, char *err, size_t errlen) { (void)qp; (void)err; (void)errlen; return 0; }
 bool offload_dpdk_usable(void) { return false; }
+unsigned offload_dpdk_buffers_in_use(void) { return 0; }
 bool offload_poll(void) { return false; }
 bool offload_busy(void) { return false; }
-void offload_drain(void) {}
+bool offload_drain(void) { return true; }
 static bool dp_available(void) { return false; }
 static int dp_attach(struct offload_conn *oc) { (void)oc; return -ENOTSUP; }
 static ssize_t dp_recv(struct offload_conn *oc, void *b, size_t n) { (void)oc; (void)b; (void)n; return -EIO; }

@@ -109,6 +109,8 @@ bool offload_init(enum offload_request req);
  * a message in err.
  */
 int offload_dpdk_init(const char *args, unsigned nworkers, char *err, size_t errlen);
+/* Device buffers (mbufs) this worker's queue pair has out of its pool now. */
+unsigned offload_dpdk_buffers_in_use(void);
 /* Description of the device in use ("crypto_aesni_gcm0 (crypto_aesni_gcm), 2 queue pairs"). */
 const char *offload_dpdk_describe(void);
 /*
@@ -136,8 +138,10 @@ bool offload_poll(void);
 /* Records queued or on the device: the event loop must not sleep. */
 bool offload_busy(void);
 /* A worker on its way out: let the device finish (1 s at most) so the state
- * of sessions already closed is freed. */
-void offload_drain(void);
+ * of sessions already closed is freed. False when operations were left on
+ * the device (the worker then exits non-zero so the master rebuilds the
+ * queue pair's pools). */
+bool offload_drain(void);
 
 /* Where engine events are counted (the gateway's stats); NULL: not counted. */
 void offload_set_counter(void (*count)(enum offload_event ev, unsigned long n));

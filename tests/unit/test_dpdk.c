@@ -1276,6 +1276,79 @@ static void test_declined(void)
 }
 
 /* Connections detached with operations on the device are freed as they come back. */
+/*
+ * A client that stops reading must not hold the worker's shared device
+ * buffers: once the socket is full, the encrypted records wait in the
+ * connection's own memory. Then the client reads everything, intact.
+ */
+static void drain(void);
+
+static void test_stalled_client(void)
+{
+	for (size_t s = 0; s < NSUITES; s++) {
+		struct copt o = opt_of(&suites[s]);
+		size_t n = 4u << 20, sent = 0;
+		uint8_t *a = pattern(n, (uint32_t)(s + 77));
+		uint64_t deadline = now_ms() + XFER_MS;
+		struct tcase tc;
+		struct conn c;
+		bool full = false;
+
+		tc_begin(&tc, "%s/%s/stalled_client_holds_no_device_buffers", pmd, suites[s].name);
+		if (!conn_setup(&tc, &c, &o)) {
+			tc_end(&tc);
+			free(a);
+			continue;
+		}
+		/* The client reads nothing until the engine reports a full socket. */
+		while (!full && sent < n && now_ms() < deadline) {
+			if (may_call(&c)) {
+				ssize_t r = c.oc.ops->send(&c.oc, a + sent, n - sent);
+
+				after_call(&c, r);
+				if (r > 0)
+					sent += (size_t)r;
+				else if (r == -EAGAIN && c.oc.want == OFFLOAD_WANT_WRITE)
+					full = true;
+				else if (r != -EAGAIN)
+					break;
+			}
+			offload_poll();
+		}
+		if (!full) {
+			tc_fail(&tc, "the socket never filled (sent %zu of %zu)", sent, n);
+		} else {
+			drain();
+			expect_long(&tc, "device buffers held while the client does not read", 0,
+				    (long)offload_dpdk_buffers_in_use());
+			/* Now the client reads: everything arrives, in order. */
+			uint8_t *got = malloc(n);
+			size_t have = 0;
+			if (!got)
+				abort();
+			while (have < sent && now_ms() < deadline + XFER_MS) {
+				if (may_call(&c)) {
+					ssize_t r = c.oc.ops->send(&c.oc, a + sent, n - sent);
+					after_call(&c, r);
+					if (r > 0)
+						sent += (size_t)r;
+				}
+				offload_poll();
+				if (cli_pump(&c) < 0 || cli_read(&tc, &c, got, n, &have) < 0)
+					break;
+			}
+			if (have < sent)
+				tc_fail(&tc, "client read %zu of %zu bytes", have, sent);
+			else
+				expect_same(&tc, "client read", a, got, have);
+			free(got);
+		}
+		tc_end(&tc);
+		conn_close(&c);
+		free(a);
+	}
+}
+
 static void drain(void)
 {
 	for (int i = 0; i < 1000 && offload_busy(); i++)
@@ -1316,6 +1389,7 @@ static int run_pmd(const char *name)
 		test_bad_mac();
 		test_batch();
 		test_declined();
+		test_stalled_client();
 		drain();
 	}
 	for (size_t i = 0; i < sizeof(server_ctxs) / sizeof(server_ctxs[0]); i++)
