@@ -809,6 +809,19 @@ static int write_err(struct dp_conn *c)
 			 strerror(errno));
 }
 
+/* The TX record at the head is on the wire (or parked): its buffer goes back. */
+static void pop_tx(struct dp_conn *c)
+{
+	struct slot *s = &c->txs[c->tx_head];
+
+	rte_pktmbuf_free(s->m);
+	dp.freed = true;
+	s->m = NULL;
+	s->state = SLOT_FREE;
+	c->tx_head = (c->tx_head + 1) % DP_TX_SLOTS;
+	c->tx_count--;
+}
+
 /*
  * The client is not reading: move the encrypted records at the head out of
  * their device buffers into the connection's own queue, so that a slow or
@@ -829,12 +842,7 @@ static void park(struct dp_conn *c)
 		c->txq = q;
 		memcpy(c->txq + c->txq_len, rte_pktmbuf_mtod_offset(s->m, uint8_t *, s->done_len), n);
 		c->txq_len += n;
-		rte_pktmbuf_free(s->m);
-		dp.freed = true;
-		s->m = NULL;
-		s->state = SLOT_FREE;
-		c->tx_head = (c->tx_head + 1) % DP_TX_SLOTS;
-		c->tx_count--;
+		pop_tx(c);
 	}
 }
 
@@ -888,12 +896,7 @@ static int write_out(struct dp_conn *c)
 				break;
 			}
 			w -= (ssize_t)left;
-			rte_pktmbuf_free(s->m);
-			dp.freed = true;
-			s->m = NULL;
-			s->state = SLOT_FREE;
-			c->tx_head = (c->tx_head + 1) % DP_TX_SLOTS;
-			c->tx_count--;
+			pop_tx(c);
 		}
 	}
 	return 1;
