@@ -203,7 +203,7 @@ char *metrics_render(size_t *len)
 		{ "bad_record_mac", STAT_dpdk_bad_mac }, { "device", STAT_dpdk_device_error },
 		{ "peer_alert", STAT_dpdk_peer_alert }, { "protocol", STAT_dpdk_protocol_error },
 	};
-	static const struct { const char *mode, *dir; int id; } offload[] = {
+	static const struct { const char *mode, *dir; enum stat_id id; } offload[] = {
 		{ "ktls_hw", "tx", STAT_offload_ktls_hw_tx }, { "ktls_hw", "rx", STAT_offload_ktls_hw_rx },
 		{ "ktls_sw", "tx", STAT_offload_ktls_sw_tx }, { "ktls_sw", "rx", STAT_offload_ktls_sw_rx },
 		{ "dpdk", "tx", STAT_offload_dpdk_tx }, { "dpdk", "rx", STAT_offload_dpdk_rx },
@@ -269,8 +269,7 @@ char *metrics_render(size_t *len)
 	       "Sessions by record-crypto engine, one count per session and direction.");
 	for (size_t k = 0; k < sizeof(offload) / sizeof(offload[0]); k++)
 		put(&o, "mailgw_offload_total{mode=\"%s\",direction=\"%s\"} %llu\n", offload[k].mode,
-		    offload[k].dir,
-		    offload[k].id < 0 ? 0ull : (unsigned long long)stats_sum((enum stat_id)offload[k].id));
+		    offload[k].dir, (unsigned long long)stats_sum(offload[k].id));
 
 	family(&o, "mailgw_ktls_fallback_total", "counter",
 	       "Sessions where kernel TLS was wanted but a direction stayed in userspace.");

@@ -169,6 +169,7 @@ static struct {
 	bool ready;         /* this worker holds a queue pair */
 	uint8_t dev;
 	uint16_t nqp;
+	int socket;         /* the device's NUMA node, where its pools live */
 	int qp;             /* this process's queue pair */
 	char desc[160];
 	struct dp_qp qps[DP_MAX_QP];
@@ -211,19 +212,16 @@ static int make_pools(unsigned q)
 {
 	struct dp_qp *p = &dp.qps[q];
 	char name[RTE_MEMPOOL_NAMESIZE];
-	int socket = rte_cryptodev_socket_id(dp.dev);
 	uint32_t ssz = rte_cryptodev_sym_get_private_session_size(dp.dev);
 
-	if (socket < 0)
-		socket = 0;
 	snprintf(name, sizeof(name), "mgw_mbuf%u", q);
 	p->mbufs = rte_pktmbuf_pool_create(name, DP_MBUFS, 0, 0,
-					   RTE_PKTMBUF_HEADROOM + DP_HDR + DP_MAX_BODY, socket);
+					   RTE_PKTMBUF_HEADROOM + DP_HDR + DP_MAX_BODY, dp.socket);
 	snprintf(name, sizeof(name), "mgw_op%u", q);
 	p->ops = rte_crypto_op_pool_create(name, RTE_CRYPTO_OP_TYPE_SYMMETRIC, DP_OPS, 0, OP_PRIV,
-					   socket);
+					   dp.socket);
 	snprintf(name, sizeof(name), "mgw_sess%u", q);
-	p->sessions = rte_cryptodev_sym_session_pool_create(name, DP_SESSIONS, ssz, 0, 0, socket);
+	p->sessions = rte_cryptodev_sym_session_pool_create(name, DP_SESSIONS, ssz, 0, 0, dp.socket);
 	return p->mbufs && p->ops && p->sessions ? 0 : -1;
 }
 
@@ -285,9 +283,10 @@ int offload_dpdk_init(const char *args, unsigned nworkers, char *err, size_t err
 		snprintf(err, errlen, "%s offers no queue pair", info.driver_name);
 		goto out;
 	}
-	conf.socket_id = rte_cryptodev_socket_id(dp.dev);
-	if (conf.socket_id < 0)
-		conf.socket_id = 0;
+	dp.socket = rte_cryptodev_socket_id(dp.dev);
+	if (dp.socket < 0)
+		dp.socket = 0;
+	conf.socket_id = dp.socket;
 	conf.nb_queue_pairs = dp.nqp;
 	if (rte_cryptodev_configure(dp.dev, &conf) < 0) {
 		snprintf(err, errlen, "cannot configure %s", info.driver_name);
@@ -401,11 +400,6 @@ bool offload_dpdk_usable(void)
 unsigned offload_dpdk_buffers_in_use(void)
 {
 	return dp.ready ? rte_mempool_in_use_count(dp.qps[dp.qp].mbufs) : 0;
-}
-
-static bool dp_available(void)
-{
-	return dp.ready;
 }
 
 /* --- keys ------------------------------------------------------------------- */
@@ -786,12 +780,13 @@ static bool wait_slot(const uint8_t *state, uint64_t deadline)
 
 /* --- writing ---------------------------------------------------------------- */
 
-static int set_fatal(struct dp_conn *c, int e, const char *fmt, const char *what)
+/* The session is over: the first reason is the one kept (for the log). */
+static int set_fatal(struct dp_conn *c, int e, const char *why)
 {
 	if (!c->fatal) {
 		c->fatal = e;
 		if (c->oc)
-			snprintf(c->oc->err, sizeof(c->oc->err), fmt, what);
+			snprintf(c->oc->err, sizeof(c->oc->err), "%s", why);
 	}
 	return c->fatal;
 }
@@ -805,7 +800,7 @@ static int write_err(struct dp_conn *c)
 {
 	if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
 		return -EAGAIN;
-	return set_fatal(c, errno == EPIPE || errno == ECONNRESET ? -EPIPE : -errno, "%s",
+	return set_fatal(c, errno == EPIPE || errno == ECONNRESET ? -EPIPE : -errno,
 			 strerror(errno));
 }
 
@@ -874,7 +869,7 @@ static int write_out(struct dp_conn *c)
 			if (s->state == SLOT_QUEUED)
 				break;
 			if (s->state != SLOT_DONE)
-				return set_fatal(c, -EIO, "%s", "crypto device failed to encrypt a record");
+				return set_fatal(c, -EIO, "crypto device failed to encrypt a record");
 			iov[k].iov_base = rte_pktmbuf_mtod_offset(s->m, uint8_t *, s->done_len);
 			iov[k].iov_len = s->rec_len - s->done_len;
 			k++;
@@ -932,7 +927,7 @@ static int send_keyupdate(struct dp_conn *c)
 	if (queue_record(c, REC_HANDSHAKE, ku, sizeof(ku)) < 0)
 		return -1;
 	if (next_secret(c, &c->tx) < 0 || keys13(c, &c->tx, true, true) < 0)
-		return set_fatal(c, -EIO, "%s", "cannot install the next send keys");
+		return set_fatal(c, -EIO, "cannot install the next send keys");
 	c->tx.seq = 0;
 	c->send_keyupdate = false;
 	return 0;
@@ -955,7 +950,7 @@ static ssize_t dp_send(struct offload_conn *oc, const void *buf, size_t len)
 			size_t n = c->tx_accepted;
 			c->tx_accepted = 0;
 			if (n > len) /* the retry must offer at least the bytes already sent */
-				return set_fatal(c, -EINVAL, "%s", "send retried with fewer bytes");
+				return set_fatal(c, -EINVAL, "send retried with fewer bytes");
 			return (ssize_t)n;
 		}
 		if (c->tx_count || c->txq_len) {
@@ -1021,7 +1016,7 @@ static void send_alert(struct dp_conn *c, uint8_t desc)
 
 static int fail(struct dp_conn *c, uint8_t alert, int e, const char *why)
 {
-	set_fatal(c, e, "%s", why);
+	set_fatal(c, e, why);
 	send_alert(c, alert);
 	return c->fatal;
 }
@@ -1192,7 +1187,7 @@ static int process_head(struct dp_conn *c)
 		{
 			char why[48];
 			snprintf(why, sizeof(why), "client sent alert %u", p[1]);
-			return set_fatal(c, -ECONNRESET, "%s", why);
+			return set_fatal(c, -ECONNRESET, why);
 		}
 	case REC_HANDSHAKE:
 		if (c->version == TLS1_3_VERSION)
@@ -1279,7 +1274,7 @@ static ssize_t dp_recv(struct offload_conn *oc, void *buf, size_t len)
 		if (!c->rbuf) {
 			c->rbuf = malloc(DP_RBUF);
 			if (!c->rbuf)
-				return set_fatal(c, -ENOMEM, "%s", "out of memory");
+				return set_fatal(c, -ENOMEM, "out of memory");
 		}
 		r = submit_rx(c);
 		if (r < 0)
@@ -1303,7 +1298,7 @@ static ssize_t dp_recv(struct offload_conn *oc, void *buf, size_t len)
 			if (n == 0) {
 				c->sock_eof = true;
 			} else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-				return set_fatal(c, errno == ECONNRESET ? -ECONNRESET : -errno, "%s",
+				return set_fatal(c, errno == ECONNRESET ? -ECONNRESET : -errno,
 						 strerror(errno));
 			} else if (c->rx_count == 0) {
 				oc->want = OFFLOAD_WANT_READ;
@@ -1316,7 +1311,7 @@ static ssize_t dp_recv(struct offload_conn *oc, void *buf, size_t len)
 		}
 		if (c->sock_eof) {
 			if (c->rend > c->rstart)
-				return set_fatal(c, -EPIPE, "%s", "connection closed inside a record");
+				return set_fatal(c, -EPIPE, "connection closed inside a record");
 			return 0;
 		}
 		/* A full buffer always holds a complete record (DP_RBUF holds four). */
@@ -1495,7 +1490,6 @@ unsigned offload_dpdk_buffers_in_use(void) { return 0; }
 bool offload_poll(void) { return false; }
 bool offload_busy(void) { return false; }
 bool offload_drain(void) { return true; }
-static bool dp_available(void) { return false; }
 static int dp_attach(struct offload_conn *oc) { (void)oc; return -ENOTSUP; }
 static ssize_t dp_recv(struct offload_conn *oc, void *b, size_t n) { (void)oc; (void)b; (void)n; return -EIO; }
 static ssize_t dp_send(struct offload_conn *oc, const void *b, size_t n) { (void)oc; (void)b; (void)n; return -EIO; }
@@ -1507,7 +1501,7 @@ static void dp_detach(struct offload_conn *oc) { (void)oc; }
 
 const struct offload_ops offload_dpdk = {
 	.name = "dpdk",
-	.available = dp_available,
+	.available = offload_dpdk_usable,
 	.attach = dp_attach,
 	.recv = dp_recv,
 	.send = dp_send,
