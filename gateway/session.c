@@ -680,21 +680,17 @@ static int step_pretls(struct session *s)
 /* --- handshake ----------------------------------------------------------- */
 
 /*
- * Count which engine each direction got. When kernel TLS was wanted but a
- * direction stayed in userspace, count it and log the cause, once per cause
- * per worker (the next ones at debug level).
+ * Count which engine each direction got. When the engine the request
+ * preferred (offload_attach sets oc.wanted) did not take both directions,
+ * count the fallback and log its cause, once per cause per worker (the next
+ * ones at debug level).
  */
 static void count_offload(struct session *s)
 {
 	static const char *seen[16];
 	static unsigned nseen;
 	const char *cause = s->oc.err[0] ? s->oc.err : NULL;
-	enum offload_request req = s->w->cfg->offload;
-	bool want_ktls = (req == OFFLOAD_REQ_AUTO || req == OFFLOAD_REQ_KTLS) &&
-			 offload_ktls.available();
-	bool want_dpdk = (req == OFFLOAD_REQ_DPDK ||
-			  (req == OFFLOAD_REQ_AUTO && !want_ktls && s->w->cfg->dpdk_args[0]));
-	const char *wanted;
+	const char *what;
 	unsigned i;
 
 	static const enum stat_id tx[] = { [OFFLOAD_MODE_USERSPACE] = STAT_offload_userspace_tx,
@@ -708,12 +704,12 @@ static void count_offload(struct session *s)
 
 	stats_inc(tx[s->oc.tx_mode]);
 	stats_inc(rx[s->oc.rx_mode]);
-	if (want_ktls && !(s->oc.tx_kernel && s->oc.rx_kernel)) {
+	if (s->oc.wanted == &offload_ktls && !(s->oc.tx_kernel && s->oc.rx_kernel)) {
 		stats_inc(STAT_ktls_fallback);
-		wanted = "kernel TLS";
-	} else if (want_dpdk && s->oc.ops != &offload_dpdk) {
+		what = "kernel TLS";
+	} else if (s->oc.wanted == &offload_dpdk && s->oc.ops != &offload_dpdk) {
 		stats_inc(STAT_dpdk_fallback);
-		wanted = "DPDK";
+		what = "DPDK";
 	} else {
 		return;
 	}
@@ -721,13 +717,13 @@ static void count_offload(struct session *s)
 		cause = "unknown";
 	for (i = 0; i < nseen; i++) {
 		if (!strcmp(seen[i], cause)) {
-			log_sess(LOG_DEBUG, s, "%s fallback: %s", wanted, cause);
+			log_sess(LOG_DEBUG, s, "%s fallback: %s", what, cause);
 			return;
 		}
 	}
 	if (nseen < ARRAY_SIZE(seen))
 		seen[nseen++] = strdup(cause);
-	log_sess(LOG_WARN, s, "%s fallback to %s for %s: %s (logged once per cause)", wanted,
+	log_sess(LOG_WARN, s, "%s fallback to %s for %s: %s (logged once per cause)", what,
 		 s->oc.ops->name, !s->oc.tx_kernel && !s->oc.rx_kernel ? "both directions" :
 				  !s->oc.rx_kernel ? "receive" : "transmit",
 		 cause);
@@ -781,7 +777,7 @@ static int step_handshake(struct session *s)
 	s->oc.ssl = s->ssl;
 	s->oc.fd = s->c.fd;
 	s->oc.wake = engine_wake;
-	if (offload_attach(s->w->cfg->offload, &s->oc) < 0) {
+	if (offload_attach(s->w->cfg->offload, s->w->cfg->dpdk_args[0] != '\0', &s->oc) < 0) {
 		log_sess(LOG_ERROR, s, "no record engine accepted the session");
 		s->close_reason = "offload";
 		sess_close(s);

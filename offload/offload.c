@@ -85,22 +85,27 @@ static bool allowed(enum offload_request req, const struct offload_ops *ops)
 	}
 }
 
-int offload_attach(enum offload_request req, struct offload_conn *c)
+int offload_attach(enum offload_request req, bool dpdk, struct offload_conn *c)
 {
 	size_t i;
 	int rc = -ENOTSUP;
 
 	c->tx_kernel = c->rx_kernel = c->modes_verified = false;
 	c->tx_mode = c->rx_mode = OFFLOAD_MODE_USERSPACE;
+	c->wanted = NULL;
 
 	for (i = 0; i < sizeof(chain) / sizeof(chain[0]); i++) {
 		const struct offload_ops *ops = chain[i];
+		bool usable = !ops->available || ops->available();
 
 		if (!allowed(req, ops))
 			continue;
-		if (ops->available && !ops->available()) {
-			/* The first engine's reason is the one worth logging. */
-			if (ops == &offload_dpdk && !c->err[0])
+		if (!c->wanted && ops != &offload_userspace &&
+		    (usable || (ops == &offload_dpdk && (req == OFFLOAD_REQ_DPDK || dpdk))))
+			c->wanted = ops;
+		if (!usable) {
+			/* The preferred engine's reason is the one worth logging. */
+			if (ops == c->wanted && !c->err[0])
 				snprintf(c->err, sizeof(c->err),
 					 "no DPDK crypto device queue pair in this worker");
 			continue;

@@ -63,6 +63,10 @@ struct offload_conn {
 	bool rx_kernel;    /* the kernel decrypts what we receive: splice_from works */
 	bool keyupdate;    /* ended by a TLS 1.3 KeyUpdate the kernel cannot follow */
 	bool modes_verified; /* tx_mode/rx_mode read back from the kernel (sock_diag) */
+	/* Set by offload_attach: the engine the request preferred (NULL when that is
+	 * userspace). When it is not the one that took the connection, or kernel TLS
+	 * took only one direction, err says why. */
+	const struct offload_ops *wanted;
 	void *priv;        /* engine state */
 	/* Set by the owner: called by asynchronous engines (OFFLOAD_WANT_ENGINE). */
 	void (*wake)(struct offload_conn *c);
@@ -159,8 +163,12 @@ void offload_nic_report(void (*report)(const char *ifname, const char *feature, 
 void offload_setup_ctx(enum offload_request req, bool dpdk, SSL_CTX *ctx);
 void offload_prepare(enum offload_request req, SSL *ssl);
 
-/* Attach the best engine for this connection; returns 0 or negative errno. */
-int offload_attach(enum offload_request req, struct offload_conn *c);
+/*
+ * Attach the best engine for this connection; returns 0 or negative errno.
+ * dpdk: [offload] dpdk_args is set, so auto considers the DPDK engine even in a
+ * worker that has no queue pair (that is a fallback, with its reason).
+ */
+int offload_attach(enum offload_request req, bool dpdk, struct offload_conn *c);
 void offload_detach(struct offload_conn *c);
 const char *offload_request_name(enum offload_request req);
 const char *offload_mode_name(enum offload_mode m);

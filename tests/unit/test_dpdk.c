@@ -356,7 +356,7 @@ static bool conn_attach(struct tcase *tc, struct conn *c)
 	c->oc.ssl = c->srv;
 	c->oc.fd = c->sfd;
 	c->oc.wake = on_wake;
-	rc = offload_attach(OFFLOAD_REQ_DPDK, &c->oc);
+	rc = offload_attach(OFFLOAD_REQ_DPDK, true, &c->oc);
 	if (rc != 0)
 		return tc_fail(tc, "offload_attach: %d (%s)", rc, c->oc.err);
 	c->attached = true;
