@@ -1254,12 +1254,15 @@ static void test_declined(void)
 				if (!strstr(c.oc.err, cases[i].cipher))
 					tc_fail(&tc, "oc.err \"%s\" does not name the cipher",
 						c.oc.err);
-				rc = offload_attach(OFFLOAD_REQ_DPDK, &c.oc);
+				rc = offload_attach(OFFLOAD_REQ_DPDK, true, &c.oc);
 				c.attached = rc == 0;
 				if (expect_long(&tc, "offload_attach (fallback)", 0, rc)) {
 					if (c.oc.ops != &offload_userspace)
 						tc_fail(&tc, "engine %s took it, wanted userspace",
 							c.oc.ops ? c.oc.ops->name : "none");
+					if (c.oc.wanted != &offload_dpdk)
+						tc_fail(&tc, "oc.wanted is %s, not dpdk",
+							c.oc.wanted ? c.oc.wanted->name : "none");
 					expect_long(&tc, "tx_mode", OFFLOAD_MODE_USERSPACE,
 						    c.oc.tx_mode);
 					if (!strstr(c.oc.err, cases[i].cipher))
