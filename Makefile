@@ -43,8 +43,10 @@ HDR := $(wildcard gateway/*.h offload/*.h)
 PURE_SRC := gateway/buf.c gateway/proto.c gateway/smtp.c gateway/imap.c \
 	    gateway/pop3.c gateway/stats.c gateway/proxy.c
 
-UNIT_TESTS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(filter-out tests/unit/test_dpdk.c,\
-	      $(wildcard tests/unit/test_*.c)))
+# Record engines are tested against OpenSSL with the whole engine layer linked.
+ENGINE_TESTS := $(BUILD)/tests/test_dpdk $(BUILD)/tests/test_userspace
+UNIT_TESTS := $(filter-out $(ENGINE_TESTS),\
+	      $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(wildcard tests/unit/test_*.c)))
 FUZZERS    := $(patsubst tests/fuzz/%.c,$(BUILD)/fuzz/%,$(wildcard tests/fuzz/fuzz_*.c))
 
 .PHONY: all deps asan fuzz unit test run clean check-config vm-test bench
@@ -66,14 +68,14 @@ $(BUILD)/asan/mailgw: $(SRC) $(HDR) Makefile $(BPF_LIB_SRC) $(BPF_HDR) $(BPF_SKE
 	$(CC) -std=gnu11 $(WARN) -Igateway -Ioffload $(BPF_CFLAGS) $(DPDK_CFLAGS) $(SANFLAGS) -o $@ \
 		$(SRC) $(BPF_LIB_SRC) $(LDLIBS) $(BPF_LDLIBS) $(DPDK_LIBS)
 
-unit: $(UNIT_TESTS) $(UNIT_TESTS:%=%-asan) $(BUILD)/tests/test_dpdk $(BUILD)/tests/test_dpdk-asan
+unit: $(UNIT_TESTS) $(UNIT_TESTS:%=%-asan) $(ENGINE_TESTS) $(ENGINE_TESTS:%=%-asan)
 
-# The DPDK record layer against OpenSSL: the whole engine layer and libdpdk.
-$(BUILD)/tests/test_dpdk: tests/unit/test_dpdk.c $(OFFLOAD_SRC) $(HDR) $(wildcard tests/unit/*.h)
+# Engine tests link the whole engine layer, libssl and libdpdk.
+$(ENGINE_TESTS): $(BUILD)/tests/%: tests/unit/%.c $(OFFLOAD_SRC) $(HDR) $(wildcard tests/unit/*.h)
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(DPDK_CFLAGS) -o $@ $< $(OFFLOAD_SRC) -lssl -lcrypto $(DPDK_LIBS)
 
-$(BUILD)/tests/test_dpdk-asan: tests/unit/test_dpdk.c $(OFFLOAD_SRC) $(HDR) $(wildcard tests/unit/*.h)
+$(ENGINE_TESTS:%=%-asan): $(BUILD)/tests/%-asan: tests/unit/%.c $(OFFLOAD_SRC) $(HDR) $(wildcard tests/unit/*.h)
 	@mkdir -p $(@D)
 	$(CC) -std=gnu11 $(WARN) -Igateway -Ioffload $(DPDK_CFLAGS) $(SANFLAGS) -o $@ $< \
 		$(OFFLOAD_SRC) -lssl -lcrypto $(DPDK_LIBS)

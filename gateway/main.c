@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <malloc.h>
 #include <poll.h>
 #include <sys/signalfd.h>
 #include <netinet/in.h>
@@ -466,6 +467,12 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
+	/*
+	 * Sessions take and give back 64 KiB buffers all the time; with glibc's
+	 * default (128 KiB, moving) every give-back at the top of the heap
+	 * would shrink it with brk() and the next take grow it again.
+	 */
+	mallopt(M_TRIM_THRESHOLD, 8 << 20);
 	if (load(path, &cur, err, sizeof(err)) < 0) {
 		fprintf(stderr, "%s\n", err);
 		return 1;

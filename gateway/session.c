@@ -1077,6 +1077,8 @@ void session_run(struct session *s)
 			buf_release(&s->bin);
 			buf_release(&s->cout);
 			buf_release(&s->bout);
+			if (s->tls && s->oc.ops && s->oc.ops->idle)
+				s->oc.ops->idle(&s->oc);
 			return;
 		}
 	}

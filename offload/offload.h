@@ -86,6 +86,8 @@ struct offload_ops {
 	/* Send close_notify; 1 done, -EAGAIN (see want) or negative errno. */
 	int (*shutdown)(struct offload_conn *c);
 	void (*detach)(struct offload_conn *c);
+	/* Optional: the session waits for the network; give back empty buffers. */
+	void (*idle)(struct offload_conn *c);
 	/*
 	 * Zero-copy relay (NULL when the engine has none): move plaintext
 	 * between the client socket and a pipe, the kernel doing the record
