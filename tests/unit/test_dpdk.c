@@ -45,6 +45,7 @@
 #include "check.h"
 #include "engine.h"
 #include "offload.h"
+#include "tlstest.h"
 
 #define MAX_PLAIN 16384     /* RFC 8446 §5.1 */
 #define XFER_MS 8000        /* longest one transfer may take */
@@ -56,39 +57,12 @@
 
 static const char *pmd; /* the vdev this process runs the cases on */
 static unsigned long evc[OFFLOAD_EV_MAX];
-static EVP_PKEY *id_key;
-static X509 *id_cert;
 static SSL_CTX *server_ctxs[3]; /* by TLS 1.3 ticket count */
 
 static void count_ev(enum offload_event ev, unsigned long n)
 {
 	if ((unsigned)ev < OFFLOAD_EV_MAX)
 		evc[ev] += n;
-}
-
-static uint64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-/* Deterministic bytes, different for every seed. */
-static uint8_t *pattern(size_t n, uint32_t seed)
-{
-	uint8_t *p = malloc(n ? n : 1);
-	uint32_t x = (seed * 2654435761u) | 1;
-
-	if (!p)
-		abort();
-	for (size_t i = 0; i < n; i++) {
-		x ^= x << 13;
-		x ^= x >> 17;
-		x ^= x << 5;
-		p[i] = (uint8_t)(x >> 3);
-	}
-	return p;
 }
 
 static const char *ssl_err(void)
@@ -105,28 +79,6 @@ static size_t records_for(size_t n)
 }
 
 /* --- identity and contexts ------------------------------------------------ */
-
-/* An ECDSA P-256 key and a self-signed certificate, made in memory. */
-static int make_identity(void)
-{
-	X509_NAME *nm;
-
-	id_key = EVP_EC_gen("P-256");
-	id_cert = X509_new();
-	if (!id_key || !id_cert)
-		return -1;
-	nm = X509_get_subject_name(id_cert);
-	if (!X509_set_version(id_cert, 2) ||
-	    !ASN1_INTEGER_set(X509_get_serialNumber(id_cert), 1) ||
-	    !X509_gmtime_adj(X509_getm_notBefore(id_cert), -3600) ||
-	    !X509_gmtime_adj(X509_getm_notAfter(id_cert), 86400) ||
-	    !X509_set_pubkey(id_cert, id_key) ||
-	    !X509_NAME_add_entry_by_txt(nm, "CN", MBSTRING_ASC,
-					(const unsigned char *)"mx.test.invalid", -1, -1, 0) ||
-	    !X509_set_issuer_name(id_cert, nm) || !X509_sign(id_cert, id_key, EVP_sha256()))
-		return -1;
-	return 0;
-}
 
 /* The gateway's side: every suite a case needs, tickets for TLS 1.3 as asked. */
 static SSL_CTX *server_ctx(int tickets)
@@ -1397,8 +1349,7 @@ static int run_pmd(const char *name)
 	}
 	for (size_t i = 0; i < sizeof(server_ctxs) / sizeof(server_ctxs[0]); i++)
 		SSL_CTX_free(server_ctxs[i]);
-	X509_free(id_cert);
-	EVP_PKEY_free(id_key);
+	free_identity();
 	snprintf(prog, sizeof(prog), "test_dpdk[%s]", name);
 	return check_exit(prog);
 }

@@ -34,13 +34,11 @@
 
 #include "check.h"
 #include "offload.h"
+#include "tlstest.h"
 
 #define XFER_MS 10000 /* longest one transfer may take */
 #define CHUNK 65536   /* what the gateway offers per send: one relay buffer */
 #define SMALL_BUF 8192
-
-static EVP_PKEY *id_key;
-static X509 *id_cert;
 
 struct conn {
 	int sfd, cfd;
@@ -48,50 +46,6 @@ struct conn {
 	struct offload_conn oc;
 	bool attached;
 };
-
-static uint64_t now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static uint8_t *pattern(size_t n, uint32_t seed)
-{
-	uint8_t *p = malloc(n ? n : 1);
-	uint32_t x = seed * 2654435761u + 1;
-	size_t i;
-
-	for (i = 0; p && i < n; i++) {
-		x ^= x << 13;
-		x ^= x >> 17;
-		x ^= x << 5;
-		p[i] = (uint8_t)x;
-	}
-	return p;
-}
-
-static int make_identity(void)
-{
-	X509_NAME *nm;
-
-	id_key = EVP_EC_gen("P-256");
-	id_cert = X509_new();
-	if (!id_key || !id_cert)
-		return -1;
-	nm = X509_get_subject_name(id_cert);
-	if (!X509_set_version(id_cert, 2) ||
-	    !ASN1_INTEGER_set(X509_get_serialNumber(id_cert), 1) ||
-	    !X509_gmtime_adj(X509_getm_notBefore(id_cert), -3600) ||
-	    !X509_gmtime_adj(X509_getm_notAfter(id_cert), 86400) ||
-	    !X509_set_pubkey(id_cert, id_key) ||
-	    !X509_NAME_add_entry_by_txt(nm, "CN", MBSTRING_ASC,
-					(const unsigned char *)"mx.test.invalid", -1, -1, 0) ||
-	    !X509_set_issuer_name(id_cert, nm) || !X509_sign(id_cert, id_key, EVP_sha256()))
-		return -1;
-	return 0;
-}
 
 /* The gateway's modes (gateway/tls.c): one record per SSL_write, moving buffers. */
 static SSL_CTX *server_ctx(void)
@@ -501,7 +455,6 @@ int main(void)
 	test_close_notify();
 	test_keyupdate();
 	test_upload();
-	EVP_PKEY_free(id_key);
-	X509_free(id_cert);
+	free_identity();
 	return check_exit("test_userspace");
 }
