@@ -30,10 +30,12 @@
 
 struct us_conn {
 	int fd;
+	BIO *bio;      /* ours, owned by the SSL as its write BIO */
 	uint8_t *out;  /* records not yet on the socket; NULL while idle */
 	size_t off;    /* first unsent byte */
 	size_t len;    /* unsent bytes from off */
 	size_t owed;   /* bytes a send took whose records are still in out */
+	bool notified; /* our close_notify is made; a retried shutdown only flushes */
 };
 
 static size_t out_room(const struct us_conn *u)
@@ -166,7 +168,7 @@ static int us_attach(struct offload_conn *c)
 		return -EINVAL;
 	c->priv = NULL;
 	/* A kernel TLS send BIO stays: OpenSSL gives it plaintext. */
-	if (BIO_get_ktls_send(SSL_get_wbio(c->ssl)) == 1 || BIO_wpending(SSL_get_wbio(c->ssl)))
+	if (BIO_get_ktls_send(SSL_get_wbio(c->ssl)) == 1)
 		return 0;
 	m = out_method();
 	u = calloc(1, sizeof(*u));
@@ -178,6 +180,7 @@ static int us_attach(struct offload_conn *c)
 		return 0;
 	}
 	u->fd = c->fd;
+	u->bio = b;
 	BIO_set_data(b, u);
 	SSL_set0_wbio(c->ssl, b);
 	c->priv = u;
@@ -225,12 +228,18 @@ static ssize_t us_recv(struct offload_conn *c, void *buf, size_t len)
 	size_t n = 0;
 	int r;
 
+	struct us_conn *u = c->priv;
+	ssize_t e;
+
 	ERR_clear_error();
 	errno = 0;
 	r = SSL_read_ex(c->ssl, buf, len, &n);
-	if (r == 1)
-		return (ssize_t)n;
-	return us_error(c, r);
+	e = r == 1 ? (ssize_t)n : us_error(c, r);
+	/* An alert OpenSSL wrote while reading: out now if the socket takes it,
+	 * else with the next send or shutdown. */
+	if (u && u->len)
+		(void)out_flush(u);
+	return e;
 }
 
 /* Records made by send are all on the socket; else want write. */
@@ -258,6 +267,8 @@ static ssize_t us_send(struct offload_conn *c, const void *buf, size_t len)
 	ssize_t e;
 	int r;
 
+	if (len == 0)
+		return 0;
 	if (u && u->owed) {
 		if (len < u->owed) {
 			snprintf(c->err, sizeof(c->err), "send retried with fewer bytes than it took");
@@ -302,14 +313,32 @@ static int us_shutdown(struct offload_conn *c)
 	struct us_conn *u = c->priv;
 	int r;
 
-	ERR_clear_error();
-	r = SSL_shutdown(c->ssl);
-	if (u)
-		(void)out_flush(u); /* best effort: the socket is about to go */
-	if (r >= 0)
-		return 1; /* close_notify sent; the peer's is not awaited */
-	r = (int)us_error(c, r);
-	return r == 0 ? 1 : r;
+	if (u && u->notified) {
+		r = 1; /* a second SSL_shutdown would wait for the peer's */
+	} else {
+		ERR_clear_error();
+		errno = 0;
+		r = SSL_shutdown(c->ssl);
+		/* close_notify sent, or made (it may wait in u); the peer's is not awaited */
+		r = r >= 0 ? 1 : (int)us_error(c, r);
+		if (r == 0)
+			r = 1;
+		if (r == 1 && u)
+			u->notified = true;
+	}
+	if (r == 1 && u) {
+		int f = out_flush(u);
+
+		if (f < 0) {
+			snprintf(c->err, sizeof(c->err), "%s", strerror(-f));
+			return f;
+		}
+		if (f == 0) {
+			c->want = OFFLOAD_WANT_WRITE;
+			return -EAGAIN;
+		}
+	}
+	return r;
 }
 
 /* The session waits for the network: an empty gathering buffer goes back. */
@@ -330,7 +359,7 @@ static void us_detach(struct offload_conn *c)
 
 	if (u) {
 		/* The SSL, which owns the BIO, may outlive us: cut it off. */
-		BIO_set_data(SSL_get_wbio(c->ssl), NULL);
+		BIO_set_data(u->bio, NULL);
 		free(u->out);
 		free(u);
 	}

@@ -65,15 +65,35 @@ static SSL_CTX *server_ctx(void)
 	return ctx;
 }
 
-static SSL_CTX *client_ctx(int version)
+/* KeyUpdate messages the client received (its message callback). */
+static unsigned client_keyupdates;
+
+static void client_msg(int write_p, int version, int type, const void *buf, size_t len, SSL *ssl,
+		       void *arg)
+{
+	(void)version;
+	(void)ssl;
+	(void)arg;
+	if (!write_p && type == SSL3_RT_HANDSHAKE && len > 0 &&
+	    ((const uint8_t *)buf)[0] == SSL3_MT_KEY_UPDATE)
+		client_keyupdates++;
+}
+
+/* cipher: a TLS 1.2 suite to insist on (CBC ones without encrypt-then-MAC), or NULL. */
+static SSL_CTX *client_ctx(int version, const char *cipher)
 {
 	SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
 
 	if (ctx && (!SSL_CTX_set_min_proto_version(ctx, version) ||
-		    !SSL_CTX_set_max_proto_version(ctx, version))) {
+		    !SSL_CTX_set_max_proto_version(ctx, version) ||
+		    (cipher && !SSL_CTX_set_cipher_list(ctx, cipher)))) {
 		SSL_CTX_free(ctx);
 		return NULL;
 	}
+	if (ctx && cipher)
+		SSL_CTX_set_options(ctx, SSL_OP_NO_ENCRYPT_THEN_MAC);
+	if (ctx)
+		SSL_CTX_set_msg_callback(ctx, client_msg);
 	return ctx;
 }
 
@@ -123,9 +143,9 @@ static void conn_close(struct conn *c)
 	c->sfd = c->cfd = -1;
 }
 
-static bool conn_open(struct tcase *tc, struct conn *c, int version)
+static bool conn_open_with(struct tcase *tc, struct conn *c, int version, const char *cipher)
 {
-	SSL_CTX *cctx = client_ctx(version);
+	SSL_CTX *cctx = client_ctx(version, cipher);
 	uint64_t end = now_ms() + XFER_MS;
 	int rs = 0, rc = 0;
 
@@ -161,7 +181,27 @@ static bool conn_open(struct tcase *tc, struct conn *c, int version)
 		return tc_fail(tc, "engine %s took it (wanted %s)",
 			       c->oc.ops ? c->oc.ops->name : "none",
 			       c->oc.wanted ? c->oc.wanted->name : "none");
+	if (cipher && strcmp(SSL_get_cipher_name(c->srv), cipher))
+		return tc_fail(tc, "negotiated %s, not %s", SSL_get_cipher_name(c->srv), cipher);
 	return true;
+}
+
+static bool conn_open(struct tcase *tc, struct conn *c, int version)
+{
+	return conn_open_with(tc, c, version, NULL);
+}
+
+/* Offer CHUNKs, the client not reading, until the engine says -EAGAIN; the offset reached. */
+static size_t fill_socket(struct tcase *tc, struct conn *c, const uint8_t *data, size_t n)
+{
+	size_t off = 0;
+	ssize_t r = 0;
+
+	while (off + CHUNK <= n && (r = c->oc.ops->send(&c->oc, data + off, CHUNK)) > 0)
+		off += (size_t)r;
+	if (r != -EAGAIN)
+		tc_fail(tc, "send did not block: %zd after %zu bytes", r, off);
+	return off;
 }
 
 /* Everything the client can read now; -1 on a TLS error, 1 at close_notify. */
@@ -258,6 +298,8 @@ static const struct {
 } versions[] = { { TLS1_2_VERSION, "tls12" }, { TLS1_3_VERSION, "tls13" } };
 
 /* 3 MiB through a socket that fills on every send: all of it, once, in order. */
+static void test_download_cbc(void);
+
 static void test_download(void)
 {
 	static const size_t sizes[] = { 1, 16384, 65536, 3 << 20 };
@@ -297,6 +339,40 @@ static void test_download(void)
 }
 
 /*
+ * TLS 1.2 AES-CBC-HMAC-SHA1 without encrypt-then-MAC: OpenSSL's stitched
+ * multi-block code seals four records in one go and writes them at once,
+ * more than the room the engine keeps for one record.
+ */
+static void test_download_cbc(void)
+{
+	static const unsigned lags[] = { 1, 7 };
+	size_t l;
+
+	for (l = 0; l < 2; l++) {
+		struct tcase tc;
+		struct conn c;
+		size_t n = 3 << 20, ngot = 0;
+		uint8_t *data = pattern(n, 40 + (uint32_t)l), *got = malloc(n);
+		unsigned eagain = 0;
+
+		tc_begin(&tc, "tls12_cbc/download_3_MiB_client_reads_every_%u", lags[l]);
+		if (got && conn_open_with(&tc, &c, TLS1_2_VERSION, "ECDHE-ECDSA-AES128-SHA")) {
+			size_t sent = download(&tc, &c, data, 0, n, got, &ngot, lags[l], &eagain);
+
+			if (!tc.nfail) {
+				if (sent != n)
+					tc_fail(&tc, "engine reported %zu of %zu", sent, n);
+				check_bytes(&tc, data, got, n, ngot);
+			}
+		}
+		conn_close(&c);
+		free(data);
+		free(got);
+		tc_end(&tc);
+	}
+}
+
+/*
  * After -EAGAIN the engine may hold records made from the offer; the retry
  * must offer at least those bytes. A send that starts with everything on the
  * socket always takes a record, so the first -EAGAIN here owes bytes.
@@ -315,11 +391,8 @@ static void test_retry_fewer_bytes(void)
 		tc_begin(&tc, "%s/retry_with_fewer_bytes_refused", versions[v].name);
 		if (data && got && conn_open(&tc, &c, versions[v].version)) {
 			/* the client does not read: the socket fills */
-			while (off + CHUNK <= n && (r = c.oc.ops->send(&c.oc, data + off, CHUNK)) > 0)
-				off += (size_t)r;
-			if (r != -EAGAIN) {
-				tc_fail(&tc, "send did not block: %zd after %zu bytes", r, off);
-			} else {
+			off = fill_socket(&tc, &c, data, n);
+			if (!tc.nfail) {
 				unsigned eagain = 0;
 
 				r = c.oc.ops->send(&c.oc, data + off, 1);
@@ -374,35 +447,155 @@ static void test_close_notify(void)
 }
 
 /*
- * A client's KeyUpdate asking for ours: OpenSSL answers on the next send,
- * through the gathering buffer, and the client reads on under the new keys.
+ * Shutdown while records of the last send still wait for room: it says
+ * -EAGAIN (want write) until they and the close_notify behind them are on
+ * the socket; the client reads every byte taken, then close_notify.
  */
-static void test_keyupdate(void)
+static void test_shutdown_socket_full(void)
+{
+	size_t v;
+
+	for (v = 0; v < 2; v++) {
+		struct tcase tc;
+		struct conn c;
+		size_t n = 1 << 20, off, ngot = 0;
+		uint8_t *data = pattern(n, 15), *got = malloc(n);
+
+		tc_begin(&tc, "%s/shutdown_while_socket_full", versions[v].name);
+		if (data && got && conn_open(&tc, &c, versions[v].version) &&
+		    (off = fill_socket(&tc, &c, data, n), !tc.nfail)) {
+			uint64_t end = now_ms() + XFER_MS;
+			int r = c.oc.ops->shutdown(&c.oc), cr = 0;
+
+			if (r != -EAGAIN || c.oc.want != OFFLOAD_WANT_WRITE)
+				tc_fail(&tc, "shutdown with the socket full returned %d (want %u)", r,
+					c.oc.want);
+			while (r == -EAGAIN && cr == 0 && now_ms() < end) {
+				cr = client_read(&c, got, n, &ngot);
+				r = c.oc.ops->shutdown(&c.oc);
+			}
+			if (r != 1)
+				tc_fail(&tc, "shutdown never completed: %d", r);
+			while (cr == 0 && now_ms() < end)
+				cr = client_read(&c, got, n, &ngot);
+			if (cr != 1)
+				tc_fail(&tc, "client saw no close_notify (%d)", cr);
+			/* everything sent before -EAGAIN, and the records taken after it */
+			if (ngot < off + 1 || ngot > off + CHUNK)
+				tc_fail(&tc, "client got %zu bytes, want %zu + up to %d", ngot, off,
+					CHUNK);
+			else
+				check_bytes(&tc, data, got, ngot, ngot);
+		}
+		conn_close(&c);
+		free(data);
+		free(got);
+		tc_end(&tc);
+	}
+}
+
+/* Records still waiting when the session goes: freed with it (ASan), the SSL cut off. */
+static void test_detach_with_records_waiting(void)
 {
 	struct tcase tc;
 	struct conn c;
-	size_t n = 1 << 20, ngot = 0, half = n / 2;
-	uint8_t *data = pattern(n, 9), *got = malloc(n), b;
-	unsigned eagain = 0;
+	size_t n = 1 << 20;
+	uint8_t *data = pattern(n, 16);
 
-	tc_begin(&tc, "tls13/client_keyupdate_answered");
-	if (data && got && conn_open(&tc, &c, TLS1_3_VERSION) &&
-	    download(&tc, &c, data, 0, half, got, &ngot, 1, &eagain) == half && !tc.nfail) {
-		ssize_t r;
+	tc_begin(&tc, "tls13/detach_with_records_waiting");
+	if (conn_open(&tc, &c, TLS1_3_VERSION) && (fill_socket(&tc, &c, data, n), !tc.nfail)) {
+		BIO *b = SSL_get_wbio(c.srv);
+
+		offload_detach(&c.oc);
+		c.attached = false;
+		/* what OpenSSL might still write goes nowhere, and says so */
+		if (BIO_write(b, "x", 1) > 0)
+			tc_fail(&tc, "the engine's BIO took bytes after detach");
+	}
+	conn_close(&c); /* SSL_free frees the BIO */
+	free(data);
+	tc_end(&tc);
+}
+
+/*
+ * A client's KeyUpdate asking for ours: OpenSSL answers on the next send,
+ * through the gathering buffer, and the client reads on under the new keys.
+ * Once with the socket empty, once while records of a send wait for room.
+ */
+static void test_keyupdate(void)
+{
+	size_t full;
+
+	for (full = 0; full < 2; full++) {
+		struct tcase tc;
+		struct conn c;
+		size_t n = 1 << 20, ngot = 0, off = 0;
+		uint8_t *data = pattern(n, 9), *got = malloc(n), b;
+		unsigned eagain = 0;
+
+		tc_begin(&tc, "tls13/client_keyupdate_answered%s", full ? "_socket_full" : "");
+		if (data && got && conn_open(&tc, &c, TLS1_3_VERSION)) {
+			if (full)
+				off = fill_socket(&tc, &c, data, n);
+			else
+				off = download(&tc, &c, data, 0, n / 2, got, &ngot, 1, &eagain);
+		}
+		if (!tc.nfail && c.srv) {
+			ssize_t r;
+			uint64_t end = now_ms() + XFER_MS;
+
+			client_keyupdates = 0;
+			if (!SSL_key_update(c.cli, SSL_KEY_UPDATE_REQUESTED) || SSL_write(c.cli, "x", 1) != 1)
+				tc_fail(&tc, "client KeyUpdate failed");
+			while ((r = c.oc.ops->recv(&c.oc, &b, 1)) == -EAGAIN && now_ms() < end)
+				;
+			if (r != 1 || b != 'x')
+				tc_fail(&tc, "server recv after KeyUpdate: %zd", r);
+			if (download(&tc, &c, data, off, n, got, &ngot, 3, &eagain) == n && !tc.nfail)
+				check_bytes(&tc, data, got, n, ngot);
+			if (client_keyupdates != 1)
+				tc_fail(&tc, "the client received %u KeyUpdates, want 1", client_keyupdates);
+		}
+		conn_close(&c);
+		free(data);
+		free(got);
+		tc_end(&tc);
+	}
+}
+
+/* The client resets the connection: send fails with a fatal error, never -EAGAIN forever. */
+static void test_peer_reset(void)
+{
+	struct tcase tc;
+	struct conn c;
+	size_t n = 1 << 20, off = 0;
+	uint8_t *data = pattern(n, 21);
+
+	tc_begin(&tc, "tls13/peer_reset_is_fatal");
+	if (conn_open(&tc, &c, TLS1_3_VERSION)) {
+		struct linger lg = { .l_onoff = 1, .l_linger = 0 };
 		uint64_t end = now_ms() + XFER_MS;
+		ssize_t r = 0;
 
-		if (!SSL_key_update(c.cli, SSL_KEY_UPDATE_REQUESTED) || SSL_write(c.cli, "x", 1) != 1)
-			tc_fail(&tc, "client KeyUpdate failed");
-		while ((r = c.oc.ops->recv(&c.oc, &b, 1)) == -EAGAIN && now_ms() < end)
-			;
-		if (r != 1 || b != 'x')
-			tc_fail(&tc, "server recv after KeyUpdate: %zd", r);
-		if (download(&tc, &c, data, half, n, got, &ngot, 3, &eagain) == n && !tc.nfail)
-			check_bytes(&tc, data, got, n, ngot);
+		/* the client goes away with its receive queue full: RST */
+		fill_socket(&tc, &c, data, n);
+		setsockopt(c.cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+		close(c.cfd);
+		c.cfd = -1;
+		while (now_ms() < end) {
+			r = c.oc.ops->send(&c.oc, data + off, CHUNK);
+			if (r > 0)
+				off = (off + (size_t)r) % (n - CHUNK);
+			else if (r != -EAGAIN)
+				break;
+		}
+		if (r != -ECONNRESET && r != -EPIPE)
+			tc_fail(&tc, "send after the reset returned %zd, want -ECONNRESET or -EPIPE", r);
+		if (!c.oc.err[0])
+			tc_fail(&tc, "no error text for the log");
 	}
 	conn_close(&c);
 	free(data);
-	free(got);
 	tc_end(&tc);
 }
 
@@ -451,9 +644,13 @@ int main(void)
 		return 1;
 	}
 	test_download();
+	test_download_cbc();
 	test_retry_fewer_bytes();
 	test_close_notify();
+	test_shutdown_socket_full();
+	test_detach_with_records_waiting();
 	test_keyupdate();
+	test_peer_reset();
 	test_upload();
 	free_identity();
 	return check_exit("test_userspace");
