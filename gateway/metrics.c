@@ -113,6 +113,13 @@ static void gateway_labelled(struct out *o, const char *name, const char *label,
 		    (unsigned long long)stats_sum(tab[k].id));
 }
 
+/* A gateway-wide counter with no labels: its HELP, TYPE and one sample. */
+static void gateway_counter(struct out *o, const char *name, const char *help, enum stat_id id)
+{
+	family(o, name, "counter", help);
+	put(o, "%s %llu\n", name, (unsigned long long)stats_sum(id));
+}
+
 /* eBPF classifier counters, read from its pinned per-CPU maps. */
 struct bpf_sample {
 	char family[24];
@@ -271,28 +278,28 @@ char *metrics_render(size_t *len)
 		put(&o, "mailgw_offload_total{mode=\"%s\",direction=\"%s\"} %llu\n", offload[k].mode,
 		    offload[k].dir, (unsigned long long)stats_sum(offload[k].id));
 
-	family(&o, "mailgw_ktls_fallback_total", "counter",
-	       "Sessions where kernel TLS was wanted but a direction stayed in userspace.");
-	put(&o, "mailgw_ktls_fallback_total %llu\n", (unsigned long long)stats_sum(STAT_ktls_fallback));
-	family(&o, "mailgw_ktls_keyupdate_total", "counter",
-	       "Sessions ended by a TLS 1.3 KeyUpdate that kernel TLS cannot follow.");
-	put(&o, "mailgw_ktls_keyupdate_total %llu\n", (unsigned long long)stats_sum(STAT_ktls_keyupdate));
+	gateway_counter(&o, "mailgw_ktls_fallback_total",
+			"Sessions where kernel TLS was wanted but a direction stayed in userspace.",
+			STAT_ktls_fallback);
+	gateway_counter(&o, "mailgw_ktls_keyupdate_total",
+			"Sessions ended by a TLS 1.3 KeyUpdate that kernel TLS cannot follow.",
+			STAT_ktls_keyupdate);
 
-	family(&o, "mailgw_dpdk_fallback_total", "counter",
-	       "Sessions where the DPDK engine was wanted but declined (cipher, device), left in userspace.");
-	put(&o, "mailgw_dpdk_fallback_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_fallback));
+	gateway_counter(&o, "mailgw_dpdk_fallback_total",
+			"Sessions where the DPDK engine was wanted but declined (cipher, device), left in userspace.",
+			STAT_dpdk_fallback);
 	family(&o, "mailgw_dpdk_records_total", "counter",
 	       "TLS records through the DPDK crypto device, by direction (tx: encrypted, rx: decrypted).");
 	gateway_labelled(&o, "mailgw_dpdk_records_total", "direction", dpdk_records, 2);
-	family(&o, "mailgw_dpdk_bursts_total", "counter",
-	       "Enqueue bursts to the DPDK crypto device (records per burst = records / bursts).");
-	put(&o, "mailgw_dpdk_bursts_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_bursts));
+	gateway_counter(&o, "mailgw_dpdk_bursts_total",
+			"Enqueue bursts to the DPDK crypto device (records per burst = records / bursts).",
+			STAT_dpdk_bursts);
 	family(&o, "mailgw_dpdk_errors_total", "counter",
 	       "Sessions ended by the DPDK engine: bad_record_mac, device, peer_alert, protocol.");
 	gateway_labelled(&o, "mailgw_dpdk_errors_total", "reason", dpdk_errors, 4);
-	family(&o, "mailgw_dpdk_keyupdates_total", "counter",
-	       "TLS 1.3 KeyUpdate messages followed by the DPDK engine (new receive keys).");
-	put(&o, "mailgw_dpdk_keyupdates_total %llu\n", (unsigned long long)stats_sum(STAT_dpdk_keyupdate));
+	gateway_counter(&o, "mailgw_dpdk_keyupdates_total",
+			"TLS 1.3 KeyUpdate messages followed by the DPDK engine (new receive keys).",
+			STAT_dpdk_keyupdate);
 
 	family(&o, "mailgw_relay_bytes_total", "counter", "Payload bytes relayed, by direction.");
 	labelled(&o, "mailgw_relay_bytes_total", "direction", bytes, 2);
@@ -305,14 +312,12 @@ char *metrics_render(size_t *len)
 	       "Sessions ended by a configured limit.");
 	labelled(&o, "mailgw_limit_rejections_total", "limit", limits, 5);
 
-	family(&o, "mailgw_require_tls_refusals_total", "counter",
-	       "Commands refused before TLS on require_tls listeners.");
-	put(&o, "mailgw_require_tls_refusals_total %llu\n",
-	    (unsigned long long)stats_sum(STAT_require_tls_refused));
-	family(&o, "mailgw_plaintext_relays_total", "counter",
-	       "Sessions relayed to the backend without TLS (require_tls off).");
-	put(&o, "mailgw_plaintext_relays_total %llu\n",
-	    (unsigned long long)stats_sum(STAT_plaintext_relay));
+	gateway_counter(&o, "mailgw_require_tls_refusals_total",
+			"Commands refused before TLS on require_tls listeners.",
+			STAT_require_tls_refused);
+	gateway_counter(&o, "mailgw_plaintext_relays_total",
+			"Sessions relayed to the backend without TLS (require_tls off).",
+			STAT_plaintext_relay);
 
 	if (classify_pin_path())
 		render_bpf(&o, classify_pin_path());

@@ -96,10 +96,13 @@ int offload_attach(enum offload_request req, bool dpdk, struct offload_conn *c)
 
 	for (i = 0; i < sizeof(chain) / sizeof(chain[0]); i++) {
 		const struct offload_ops *ops = chain[i];
-		bool usable = !ops->available || ops->available();
+		bool usable;
 
 		if (!allowed(req, ops))
 			continue;
+		usable = !ops->available || ops->available();
+		/* kTLS is wanted only where the kernel has it; DPDK also where it is
+		 * configured but this worker has no queue pair (a fallback). */
 		if (!c->wanted && ops != &offload_userspace &&
 		    (usable || (ops == &offload_dpdk && (req == OFFLOAD_REQ_DPDK || dpdk))))
 			c->wanted = ops;

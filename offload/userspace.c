@@ -63,6 +63,13 @@ static int out_flush(struct us_conn *u)
 	return 1;
 }
 
+/* A failed out_flush, for the session: the reason in c->err, a fatal errno. */
+static int out_failed(struct offload_conn *c, int r)
+{
+	snprintf(c->err, sizeof(c->err), "%s", strerror(-r));
+	return r == -ECONNRESET || r == -EPIPE ? r : -EIO;
+}
+
 static int out_bwrite(BIO *b, const char *data, int dlen)
 {
 	struct us_conn *u = BIO_get_data(b);
@@ -225,11 +232,10 @@ static ssize_t us_error(struct offload_conn *c, int ret)
 
 static ssize_t us_recv(struct offload_conn *c, void *buf, size_t len)
 {
-	size_t n = 0;
-	int r;
-
 	struct us_conn *u = c->priv;
+	size_t n = 0;
 	ssize_t e;
+	int r;
 
 	ERR_clear_error();
 	errno = 0;
@@ -247,10 +253,8 @@ static ssize_t out_done(struct offload_conn *c, struct us_conn *u, size_t took)
 {
 	int r = took ? out_flush(u) : 0;
 
-	if (r < 0) {
-		snprintf(c->err, sizeof(c->err), "%s", strerror(-r));
-		return r == -ECONNRESET || r == -EPIPE ? r : -EIO;
-	}
+	if (r < 0)
+		return out_failed(c, r);
 	if (r == 0) {
 		u->owed = took;
 		c->want = OFFLOAD_WANT_WRITE;
@@ -279,10 +283,8 @@ static ssize_t us_send(struct offload_conn *c, const void *buf, size_t len)
 	do {
 		if (u && out_room(u) < US_REC_MAX) {
 			r = out_flush(u);
-			if (r < 0) {
-				snprintf(c->err, sizeof(c->err), "%s", strerror(-r));
-				return r == -ECONNRESET || r == -EPIPE ? r : -EIO;
-			}
+			if (r < 0)
+				return out_failed(c, r);
 			if (r == 0)
 				break; /* the socket is full */
 		}
@@ -329,10 +331,8 @@ static int us_shutdown(struct offload_conn *c)
 	if (r == 1 && u) {
 		int f = out_flush(u);
 
-		if (f < 0) {
-			snprintf(c->err, sizeof(c->err), "%s", strerror(-f));
-			return f;
-		}
+		if (f < 0)
+			return out_failed(c, f);
 		if (f == 0) {
 			c->want = OFFLOAD_WANT_WRITE;
 			return -EAGAIN;

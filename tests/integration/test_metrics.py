@@ -782,8 +782,8 @@ def known_names(t):
     live = e.names() | set(e.types)
     with open(METRICS_C) as f:
         src = f.read()
-    declared = set(re.findall(r'family\(&o, "(mailgw_[a-z0-9_]+)"', src))
-    check(declared, "no family() declarations found in gateway/metrics.c")
+    declared = set(re.findall(r'(?:family|gateway_counter)\(&o, "(mailgw_[a-z0-9_]+)"', src))
+    check(declared, "no family() or gateway_counter() declarations found in gateway/metrics.c")
     check(declared == set(e.types), "gateway/metrics.c declares %s, the scrape has %s",
           sorted(declared - set(e.types)), sorted(set(e.types) - declared))
     return e, live | set(BPF_FAMILIES)
