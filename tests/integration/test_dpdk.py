@@ -229,28 +229,19 @@ def check_dpdk_session(est, version=None, cipher=None, what="session"):
         check_eq(est["cipher"], cipher, "%s: logged cipher" % what)
 
 
-def dot_stuff(data):
-    return re.sub(rb"(?m)^\.", b"..", data)
-
-
-def group_processes(pgid):
-    """PIDs of the live processes in process group pgid."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(name))
-    return sorted(out)
+def smtp_mail(c, subject, body):
+    """After the greeting on Conn c: EHLO, one message to ALICE, QUIT."""
+    c.smtp_expect("EHLO client.example.org", 250)
+    c.smtp_expect("MAIL FROM:<%s>" % SENDER, 250)
+    c.smtp_expect("RCPT TO:<%s>" % ALICE, 250)
+    c.smtp_expect("DATA", 354)
+    c.send(dot_stuff(make_message(subject, body)))
+    check_eq(c.smtp_reply()[0], 250, "reply to the end of DATA")
+    c.smtp_expect("QUIT", 221)
 
 
 def workers_of(gw):
-    return [p for p in group_processes(gw.proc.pid) if p != gw.proc.pid]
+    return [p for p in mailstack.group_processes(gw.proc.pid) if p != gw.proc.pid]
 
 
 def wait_workers(gw, n, timeout=15.0, exclude=()):
@@ -535,7 +526,7 @@ class SlowUpload(Paused):
                 c.send(data[self.sent:self.sent + step])
                 self.sent += len(data[self.sent:self.sent + step])
                 time.sleep(0.002)
-            c.smtp_expect(".", 250)
+            check_eq(c.smtp_reply()[0], 250, "reply to the end of DATA")
             c.smtp_expect("QUIT", 221)
         finally:
             c.close()
@@ -1414,13 +1405,7 @@ def split_records(t):
         c = Conn(proxy.addr, timeout=30, tls_ctx=ctx_for(t, version, bits))
         try:
             c.smtp_reply()
-            c.smtp_expect("EHLO client.example.org", 250)
-            c.smtp_expect("MAIL FROM:<%s>" % SENDER, 250)
-            c.smtp_expect("RCPT TO:<%s>" % ALICE, 250)
-            c.smtp_expect("DATA", 354)
-            c.send(dot_stuff(make_message(subject, body)))
-            c.smtp_expect(".", 250)
-            c.smtp_expect("QUIT", 221)
+            smtp_mail(c, subject, body)
         finally:
             c.close()
         msg = t.stack.wait_for_message("alice", "Subject: %s" % subject, timeout=30)
@@ -1962,13 +1947,7 @@ def session_resumption(t):
         try:
             check(c.sock.session_reused, "%s: the session was not resumed", VNAME[ver])
             c.smtp_reply()
-            c.smtp_expect("EHLO client.example.org", 250)
-            c.smtp_expect("MAIL FROM:<%s>" % SENDER, 250)
-            c.smtp_expect("RCPT TO:<%s>" % ALICE, 250)
-            c.smtp_expect("DATA", 354)
-            c.send(dot_stuff(make_message(subject, body)))
-            c.smtp_expect(".", 250)
-            c.smtp_expect("QUIT", 221)
+            smtp_mail(c, subject, body)
         finally:
             c.close()
         msg = t.stack.wait_for_message("alice", "Subject: %s" % subject, timeout=30)

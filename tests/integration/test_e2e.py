@@ -205,26 +205,9 @@ def two_workers(t):
             m.logout()
 
     _parallel(12, login)
-    procs = group_processes(t.gw2.proc.pid)
+    procs = mailstack.group_processes(t.gw2.proc.pid)
     check(len(procs) >= 3, "workers = 2, but the gateway's process group holds %d "
           "process(es): %s", len(procs), procs)
-
-
-def group_processes(pgid):
-    """PIDs of the live processes in process group pgid."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is the state, fields[2] the process group
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(name))
-    return sorted(out)
 
 
 def ipv6_both_sides(t):

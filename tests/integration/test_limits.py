@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 from mailtest import *  # noqa: E402,F401,F403
+import mailstack  # noqa: E402
 
 SENDER = "sender@example.org"
 ALICE = "alice@example.test"
@@ -219,17 +220,8 @@ def worker_pid(gw):
     """The only worker of gw: the child process of the master."""
     gw.check()
     master = gw.proc.pid
-    kids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-            kids.append(int(name))
+    # the master leads its own process group; its workers are the rest of it
+    kids = [p for p in mailstack.group_processes(master) if p != master]
     check(len(kids) == 1, "want one worker process under master %d, found %r", master, kids)
     return kids[0]
 
@@ -255,15 +247,6 @@ def mib(n):
 
 def ctx_tls(t):
     return tls_context(t.certs)
-
-
-def dot_stuff(msg):
-    """SMTP DATA bytes for msg (CRLF lines), terminating dot line included."""
-    lines = msg.split(b"\r\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = [b"." + l if l.startswith(b".") else l for l in lines]
-    return b"\r\n".join(out) + b"\r\n.\r\n"
 
 
 # --------------------------------------------------------------------------

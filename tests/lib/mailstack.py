@@ -197,6 +197,23 @@ def tail(text, n=25):
     return "\n".join(lines[-n:])
 
 
+def group_processes(pgid):
+    """PIDs of the live (not zombie) processes in process group pgid, sorted."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state, fields[2] the process group
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(name))
+    return sorted(out)
+
+
 def _kill_group(pgid, sig):
     try:
         os.killpg(pgid, sig)

@@ -45,7 +45,7 @@ __all__ = [
     "tls_context", "client_hello", "Conn", "ehlo_keywords", "refuses_connections",
     "s_client", "curl", "swaks",
     # messages
-    "unique", "make_message", "random_body", "body_of", "lf", "check_same_bytes",
+    "unique", "make_message", "dot_stuff", "random_body", "body_of", "lf", "check_same_bytes",
     "deliver_direct", "imap_fetch_direct",
     # PROXY protocol
     "PP2_SIG", "parse_proxy_v2", "StubBackend", "closed_port",
@@ -456,6 +456,15 @@ def make_message(subject, body, sender="sender@example.org", to="alice@example.t
             "MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
             % (sender, to, subject, subject))
     return head.encode() + body
+
+
+def dot_stuff(msg):
+    """SMTP DATA bytes for msg (CRLF lines), terminating dot line included."""
+    lines = msg.split(b"\r\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = [b"." + l if l.startswith(b".") else l for l in lines]
+    return b"\r\n".join(out) + b"\r\n.\r\n"
 
 
 def random_body(size, seed=1):
